@@ -1,0 +1,15 @@
+from lightning_meta.data.datamodule import EpisodicDataModule
+from lightning_meta.data.datasets import (
+    CachedImageDataset,
+    ClassFolder,
+    MiniImageNet,
+    Omniglot,
+    Sinusoid,
+    SyntheticGlyphs,
+    TensorClassDataset,
+)
+from lightning_meta.data.episode import Episode
+from lightning_meta.data.tasks import TaskDistribution
+
+__all__ = ["CachedImageDataset", "ClassFolder", "Episode", "EpisodicDataModule", "MiniImageNet", "Omniglot",
+           "Sinusoid", "SyntheticGlyphs", "TaskDistribution", "TensorClassDataset"]

@@ -1,0 +1,289 @@
+"""EpisodicDataModule: episodes for training, validation and testing, seeded, rank-aware and resumable."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from lightning_meta.data.episode import Episode
+from lightning_meta.data.sampler import make_sampler
+from lightning_meta.data.tasks import TaskDistribution
+
+Source = Union[Dataset, TaskDistribution]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be an integer >= {minimum}, but got {value!r}.")
+
+
+class _EpisodeStream(IterableDataset):
+    """Meta-batches of one stream for one rank; each worker serves every ``num_workers``-th step."""
+
+    def __init__(self, sampler, stream: str, episodes: int, meta_batch: int, world: int, rank: int) -> None:
+        self.sampler, self.stream, self.episodes, self.meta_batch = sampler, stream, episodes, meta_batch
+        self.world, self.rank = world, rank
+        self.epoch, self.start = 0, 0
+
+    def step_indices(self, step: int) -> list[int]:
+        """Global episode indices of this rank's meta-batch at ``step``."""
+        if self.stream == "train":
+            first = (step * self.world + self.rank) * self.meta_batch
+            return list(range(first, first + self.meta_batch))
+        # evaluation: episodes 0..E-1, meta-batch s goes to rank s % world; the last one may be short
+        first = (step * self.world + self.rank) * self.meta_batch
+        return list(range(first, min(first + self.meta_batch, self.episodes)))
+
+    def __len__(self) -> int:
+        if self.stream == "train":
+            return self.episodes // (self.meta_batch * self.world)
+        total = math.ceil(self.episodes / self.meta_batch)
+        return len(range(self.rank, total, self.world))
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch if self.stream == "train" else 0
+        for step in range(self.start + worker, len(self), workers):
+            yield self.sampler.batch(self.stream, epoch, self.step_indices(step))
+
+
+class _EpisodeLoader(DataLoader):
+    """A DataLoader that asks its data module for the epoch and resume position each time it is iterated."""
+
+    def __init__(self, stream: _EpisodeStream, num_workers: int, pin_memory: bool, before_iter=None) -> None:
+        super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+        self._before_iter = before_iter
+
+    def __iter__(self):
+        if self._before_iter is not None:
+            self._before_iter(self.dataset)
+        return super().__iter__()
+
+
+class EpisodicDataModule(L.LightningDataModule):
+    """Episodes for meta-training, validation and testing from labelled datasets or task distributions.
+
+    Args:
+        train, val, test: map-style datasets of ``(x, label)`` that expose their labels (a ``labels`` attribute), or
+            task distributions such as :class:`~lightning_meta.data.Sinusoid`. ``val``/``test`` may be ``None``.
+        n_way, n_shot, n_query: evaluation episodes are N-way K-shot with Q queries per class.
+        meta_batch_size: tasks per optimizer step on each rank (the global meta-batch is this times world size).
+        train_episodes: training episodes per epoch, over all ranks together.
+        val_episodes, test_episodes: the fixed evaluation episodes.
+        train_way, train_shot, train_query: training overrides (default to the evaluation values), e.g. 60-way
+            training for 5-way tests as in the Prototypical Networks paper.
+        seed: fixes every episode. Training episodes are a pure function of (seed, epoch, position); validation and
+            test episodes are the same on every run, epoch, rank count and worker count.
+        num_workers: DataLoader workers (episodes do not depend on it).
+        eval_meta_batch_size: tasks per evaluation batch (defaults to ``meta_batch_size``).
+
+    Under DDP each rank draws distinct episodes: at step ``s`` rank ``r`` takes global episodes
+    ``(s*W + r)*B ... (s*W + r + 1)*B - 1``, so the union over ranks is what one process with ``B*W`` draws.
+
+    Example:
+        >>> import torch
+        >>> from lightning_meta.data import TensorClassDataset
+        >>> ds = TensorClassDataset(torch.randn(100, 8), torch.arange(10).repeat_interleave(10))
+        >>> dm = EpisodicDataModule(train=ds, n_way=5, n_shot=1, n_query=3, meta_batch_size=4, train_episodes=40)
+        >>> dm.setup("fit")
+        >>> batch = next(iter(dm.train_dataloader()))
+        >>> batch.support_x.shape, batch.query_y.shape
+        (torch.Size([4, 5, 8]), torch.Size([4, 15]))
+    """
+
+    def __init__(
+        self,
+        train: Optional[Source] = None,
+        val: Optional[Source] = None,
+        test: Optional[Source] = None,
+        n_way: int = 5,
+        n_shot: int = 1,
+        n_query: int = 15,
+        meta_batch_size: int = 1,
+        train_episodes: int = 1000,
+        val_episodes: int = 100,
+        test_episodes: int = 600,
+        train_way: Optional[int] = None,
+        train_shot: Optional[int] = None,
+        train_query: Optional[int] = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        eval_meta_batch_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        for name, minimum in (
+            ("n_way", 1), ("n_shot", 1), ("n_query", 1), ("meta_batch_size", 1), ("train_episodes", 1),
+            ("val_episodes", 1), ("test_episodes", 1), ("seed", 0), ("num_workers", 0),
+        ):  # fmt: skip
+            _check_int(name, locals()[name], minimum)
+        for name in ("train_way", "train_shot", "train_query", "eval_meta_batch_size"):
+            if locals()[name] is not None:
+                _check_int(name, locals()[name], 1)
+        if train is None and val is None and test is None:
+            raise ValueError("EpisodicDataModule needs at least one of `train`, `val` or `test`; all three are None.")
+        self.train, self.val, self.test = train, val, test
+        self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
+        self.train_way = train_way or n_way
+        self.train_shot = train_shot or n_shot
+        self.train_query = train_query or n_query
+        self.meta_batch_size = meta_batch_size
+        self.eval_meta_batch_size = eval_meta_batch_size or meta_batch_size
+        self.episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
+        self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
+        self.samplers: dict[str, Any] = {}
+        self._resume: Optional[dict] = None
+        self._iterations = 0  # epochs counted without a trainer
+        self.save_hyperparameters(ignore=["train", "val", "test"])
+
+    # ---------------------------------------------------------------- setup and checks
+    def setup(self, stage: Optional[str] = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        names = wanted.get(stage, ("train", "val", "test"))
+        sources = {"train": self.train, "val": self.val, "test": self.test}
+        if stage == "fit" and self.train is None:
+            raise ValueError("`trainer.fit` needs training episodes, but `EpisodicDataModule(train=None)`.")
+        if stage in ("validate", "test") and sources[names[0]] is None:
+            raise ValueError(f"`trainer.{stage}` needs {names[0]} episodes, but `EpisodicDataModule({names[0]}=None)`.")
+        self._check_disjoint(sources)
+        for name in names:
+            source = sources[name]
+            if source is None or name in self.samplers:
+                continue
+            way, shot, query = (
+                (self.train_way, self.train_shot, self.train_query) if name == "train" else
+                (self.n_way, self.n_shot, self.n_query)
+            )  # fmt: skip
+            self._check_source(name, source, way)
+            self.samplers[name] = make_sampler(source, way, shot, query, self.seed, f"{name} dataset ({_name(source)})")
+
+    def _check_source(self, name: str, source, way: int) -> None:
+        if not (callable(getattr(source, "sample", None)) or hasattr(source, "__getitem__")):
+            raise TypeError(
+                f"`{name}` must be a map-style dataset of (x, label) items or a task distribution with "
+                f"`sample(rng, n_support, n_query)`, but got {type(source).__name__}."
+            )
+        is_tasks = callable(getattr(source, "sample", None)) and not hasattr(source, "__getitem__")
+        if not is_tasks and way < 2:
+            raise ValueError(
+                f"Expected `{'train_way' if name == 'train' and self.hparams.train_way else 'n_way'}` to be an integer >= 2 for the "
+                f"classification {name} dataset, but got {way}."
+            )
+        if name == "train" and self.train_episodes_per_step > self.episodes["train"]:
+            raise ValueError(
+                f"`train_episodes`={self.episodes['train']} is smaller than one global meta-batch "
+                f"(meta_batch_size {self.meta_batch_size} x {self._world()[0]} processes): raise `train_episodes`."
+            )
+
+    def _check_disjoint(self, sources: dict) -> None:
+        given = [k for k in ("train", "val", "test") if sources[k] is not None]
+        for i, a in enumerate(given):
+            for b in given[i + 1 :]:
+                if sources[a] is sources[b] and not isinstance(sources[a], TaskDistribution):
+                    raise ValueError(f"`{a}` and `{b}` are the same dataset: their classes must be disjoint.")
+        named = {k: set(sources[k].class_names) for k in given if hasattr(sources[k], "class_names")}
+        keys = sorted(named)
+        for i, a in enumerate(keys):
+            for b in keys[i + 1 :]:
+                shared = named[a] & named[b]
+                if shared:
+                    some = ", ".join(sorted(map(str, shared))[:5])
+                    raise ValueError(
+                        f"The {a} and {b} datasets share {len(shared)} classes (e.g. {some}): meta-learning "
+                        f"evaluates on unseen classes, so the splits must be disjoint."
+                    )
+
+    # ---------------------------------------------------------------- loaders
+    def _world(self) -> tuple[int, int]:
+        trainer = self._trainer_or_none()
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _trainer_or_none(self):
+        return getattr(self, "trainer", None)
+
+    @property
+    def train_episodes_per_step(self) -> int:
+        """The global meta-batch: tasks per optimizer step summed over all ranks."""
+        return self.meta_batch_size * self._world()[0]
+
+    def _loader(self, stream: str) -> _EpisodeLoader:
+        if stream not in self.samplers:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[stream])
+        if stream not in self.samplers:
+            raise ValueError(f"No {stream} dataset was given to EpisodicDataModule, so there are no {stream} episodes.")
+        world, rank = self._world()
+        batch = self.meta_batch_size if stream == "train" else self.eval_meta_batch_size
+        episodes = self.episodes[stream]
+        stream_ds = _EpisodeStream(self.samplers[stream], stream, episodes, batch, world, rank)
+        hook = self._before_train_iter if stream == "train" else None
+        return _EpisodeLoader(stream_ds, self.num_workers, self.pin_memory, hook)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def _before_train_iter(self, stream: _EpisodeStream) -> None:
+        trainer = self._trainer_or_none()
+        if trainer is not None:
+            epoch = trainer.current_epoch
+        else:
+            epoch, self._iterations = self._iterations, self._iterations + 1
+        stream.epoch, stream.start = epoch, 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            done = self._resume["episodes_done"]
+            per_step = stream.meta_batch * stream.world
+            if done % per_step:
+                raise ValueError(
+                    f"Cannot resume: the checkpoint stopped after {done} training episodes of epoch {epoch}, which is "
+                    f"not a whole number of global meta-batches of {per_step} (meta_batch_size x processes). Resume "
+                    f"with a meta_batch_size x devices that divides {done}."
+                )
+            stream.start = done // per_step
+        self._resume = None
+
+    # ---------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler position: which epoch, and how many of its training episodes were consumed."""
+        trainer = self._trainer_or_none()
+        if trainer is None:
+            return {"seed": self.seed, "epoch": self._iterations, "episodes_done": 0}
+        steps_done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return {
+            "seed": self.seed,
+            "epoch": trainer.current_epoch,
+            "episodes_done": steps_done * self.train_episodes_per_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"The checkpoint was trained with EpisodicDataModule(seed={state_dict['seed']}) but this data module "
+                f"has seed={self.seed}: resuming would draw different episodes. Use seed={state_dict['seed']}."
+            )
+        self._resume = {"epoch": int(state_dict["epoch"]), "episodes_done": int(state_dict["episodes_done"])}
+        self._iterations = int(state_dict["epoch"])
+
+    def __repr__(self) -> str:
+        return (
+            f"EpisodicDataModule({self.n_way}-way {self.n_shot}-shot {self.n_query}-query, train "
+            f"{self.train_way}-way {self.train_shot}-shot, meta_batch_size={self.meta_batch_size}, seed={self.seed})"
+        )
+
+
+def _name(source) -> str:
+    return type(source).__name__
+
+
+__all__ = ["EpisodicDataModule", "Episode"]

@@ -1,0 +1,10 @@
+from lightning_meta.data.datasets.base import CachedImageDataset
+from lightning_meta.data.datasets.folder import ClassFolder
+from lightning_meta.data.datasets.glyphs import SyntheticGlyphs
+from lightning_meta.data.datasets.miniimagenet import MiniImageNet
+from lightning_meta.data.datasets.omniglot import Omniglot
+from lightning_meta.data.datasets.sinusoid import Sinusoid
+from lightning_meta.data.datasets.tensor import TensorClassDataset
+
+__all__ = ["CachedImageDataset", "ClassFolder", "MiniImageNet", "Omniglot", "Sinusoid", "SyntheticGlyphs",
+           "TensorClassDataset"]

@@ -1,0 +1,51 @@
+"""miniImageNet (Vinyals et al. 2016) with the Ravi & Larochelle (2017) class splits."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from lightning_meta.data.datasets.base import CachedImageDataset, _size, decode_image, stack_images
+
+SPLITS = ("train", "val", "test")
+
+
+class MiniImageNet(CachedImageDataset):
+    """The standard csv splits over an images folder: ``root/{train,val,test}.csv`` (``filename,label`` rows) and
+    ``root/images/<filename>``. Images are resized to ``image_size`` (84 in the papers) and cached as uint8 RGB."""
+
+    def __init__(self, root: Union[str, Path], split: str = "train", image_size: int = 84) -> None:
+        root = Path(root)
+        if split not in SPLITS:
+            raise ValueError(f"Expected `split` to be one of {SPLITS}, but got {split!r}.")
+        table = root / f"{split}.csv"
+        if not table.is_file():
+            raise ValueError(
+                f"MiniImageNet split file {table} not found: `root` must hold the Ravi & Larochelle csv files "
+                "(train.csv, val.csv, test.csv) and an `images/` folder."
+            )
+        with open(table, newline="") as f:
+            rows = [row for row in csv.reader(f) if row]
+        if rows and rows[0][:2] == ["filename", "label"]:
+            rows = rows[1:]
+        if not rows:
+            raise ValueError(f"MiniImageNet split file {table} lists no images.")
+        bad = next((i for i, row in enumerate(rows) if len(row) < 2), None)
+        if bad is not None:
+            raise ValueError(f"Line {bad + 2} of {table} is not a `filename,label` row: {rows[bad]}.")
+        names = sorted({label for _, label in rows})
+        index = {name: i for i, name in enumerate(names)}
+        size = _size(image_size)
+        arrays, files = [], []
+        for filename, _ in rows:
+            path = root / "images" / filename
+            if not path.is_file():
+                raise ValueError(f"MiniImageNet image {path} (listed in {table}) does not exist.")
+            arrays.append(decode_image(path, str(path), size, "RGB"))
+            files.append(str(path))
+        labels = torch.tensor([index[label] for _, label in rows])
+        super().__init__(stack_images(arrays, files), labels, names)
+        self.files = files

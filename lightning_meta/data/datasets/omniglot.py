@@ -1,0 +1,187 @@
+"""Omniglot (Lake, Salakhutdinov & Tenenbaum, 2015): 1,623 handwritten characters from 50 alphabets, 20 drawers each."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from lightning_meta.data.datasets.base import CachedImageDataset, _size, decode_image, stack_images
+
+OFFICIAL_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+# md5 of the authors' zips
+CHECKSUMS = {
+    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
+    "images_background_small1": "e704a628b5459e08445c13499850abc4",
+    "images_background_small2": "b75a71a51d3b13f821f212756fe481fd",
+}
+SPLITS = ("train", "val", "test")
+
+
+class Omniglot(CachedImageDataset):
+    """Omniglot characters as classes, decoded once into memory (strokes bright on black, ``[1, S, S]`` in [0, 1]).
+
+    Args:
+        root: folder holding the authors' zips (``images_background.zip`` ...) or their extracted folders.
+        subsets: which of ``images_background``, ``images_evaluation``, ``images_background_small1``,
+            ``images_background_small2`` to read.
+        alphabets: keep only these alphabets (folder names such as ``"Greek"``); ``None`` keeps all.
+        image_size: side of the square images (28 in most papers).
+        rotations: rotations in degrees, each a class of its own (Santoro et al. 2016; Vinyals et al. 2016 use
+            ``(0, 90, 180, 270)`` for training).
+        split: ``"train"``, ``"val"`` or ``"test"`` keeps a disjoint share of the characters (by ``split_fractions``,
+            shuffled by ``split_seed``); rotations of one character always stay in the same split.
+        download: fetch the missing zips from ``url`` (default: the authors' repository), verify their md5 and
+            extract them into ``root``.
+
+    Example (the real data, when present):
+        >>> ds = Omniglot("../shared/data/omniglot", subsets=["images_background_small1"], alphabets=["Greek"],
+        ...               rotations=(0, 90))  # doctest: +SKIP
+        >>> ds.num_classes, ds.images.shape  # doctest: +SKIP
+        (48, torch.Size([960, 1, 28, 28]))
+    """
+
+    def __init__(
+        self,
+        root: Union[str, Path],
+        subsets: Sequence[str] = ("images_background",),
+        alphabets: Optional[Sequence[str]] = None,
+        image_size: int = 28,
+        rotations: Sequence[int] = (0,),
+        split: Optional[str] = None,
+        split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
+        split_seed: int = 0,
+        download: bool = False,
+        url: str = OFFICIAL_URL,
+    ) -> None:
+        root = Path(root)
+        if isinstance(subsets, str):
+            subsets = [subsets]
+        unknown = [s for s in subsets if s not in CHECKSUMS]
+        if unknown:
+            raise ValueError(f"Unknown Omniglot subset {unknown[0]!r}: expected one of {sorted(CHECKSUMS)}.")
+        bad_rot = [r for r in rotations if r not in (0, 90, 180, 270)]
+        if bad_rot or not rotations:
+            raise ValueError(f"Expected `rotations` to be a non-empty subset of (0, 90, 180, 270), but got {rotations}.")
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"Expected `split` to be one of {SPLITS} or None, but got {split!r}.")
+        if len(split_fractions) != 3 or min(split_fractions) < 0 or abs(sum(split_fractions) - 1) > 1e-6:
+            raise ValueError(f"Expected `split_fractions` to be three non-negative shares summing to 1, got "
+                             f"{tuple(split_fractions)}.")
+        size = _size(image_size)
+        characters: dict[str, list[tuple[str, object]]] = {}
+        for subset in subsets:
+            if download:
+                self.download(root, subset, url)
+            for key, name, opener in _list_subset(root, subset):
+                characters.setdefault(key, []).append((name, opener))
+        if alphabets is not None:
+            present = {k.split("/")[0] for k in characters}
+            missing = [a for a in alphabets if a not in present]
+            if missing:
+                raise ValueError(
+                    f"Omniglot alphabet {missing[0]!r} is not in {list(subsets)}; available: {sorted(present)}."
+                )
+            characters = {k: v for k, v in characters.items() if k.split("/")[0] in set(alphabets)}
+        keys = sorted(characters)
+        if split is not None:
+            keys = _split_keys(keys, split, split_fractions, split_seed)
+        arrays, labels, files = [], [], []
+        for char_index, key in enumerate(keys):
+            for name, opener in sorted(characters[key], key=lambda item: item[0]):
+                arrays.append(decode_image(opener(), name, size, "L")[:, :, 0])
+                labels.append(char_index)
+                files.append(name)
+        if not arrays:
+            raise ValueError(f"No Omniglot images were selected from {list(subsets)} in {root} (alphabets={alphabets}, "
+                             f"split={split!r}).")
+        base = 255 - stack_images([a[:, :, None] for a in arrays], files)  # [n, 1, S, S], strokes bright
+        base_labels = torch.tensor(labels)
+        rotated, all_labels = [], []
+        for r_index, degrees in enumerate(rotations):
+            rotated.append(torch.rot90(base, k=degrees // 90, dims=(2, 3)))
+            all_labels.append(base_labels * len(rotations) + r_index)
+        class_names = [f"{key}/rot{degrees}" for key in keys for degrees in rotations]
+        super().__init__(torch.cat(rotated), torch.cat(all_labels), class_names)
+        self.files = files * len(rotations)
+
+    @staticmethod
+    def download(root: Union[str, Path], subset: str, url: str = OFFICIAL_URL) -> Path:
+        """Fetch ``subset``'s zip into ``root`` (skipped when present), verify its md5 and extract it."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        target = root / f"{subset}.zip"
+        if not target.exists():
+            source = url.rstrip("/") + f"/{subset}.zip"
+            with tempfile.NamedTemporaryFile(dir=root, suffix=".part", delete=False) as tmp:
+                try:
+                    with urllib.request.urlopen(source, timeout=60) as response:
+                        shutil.copyfileobj(response, tmp)
+                except OSError as err:
+                    Path(tmp.name).unlink(missing_ok=True)
+                    raise RuntimeError(f"Could not download Omniglot from {source}: {err}.") from err
+            digest = _md5(Path(tmp.name))
+            if digest != CHECKSUMS[subset]:
+                Path(tmp.name).unlink(missing_ok=True)
+                raise RuntimeError(
+                    f"The download of {source} is corrupt (md5 {digest}, expected {CHECKSUMS[subset]}); try again."
+                )
+            Path(tmp.name).replace(target)
+        if not (root / subset).is_dir():
+            with zipfile.ZipFile(target) as zf:
+                zf.extractall(root)
+        return root / subset
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _split_keys(keys: list[str], split: str, fractions: Sequence[float], seed: int) -> list[str]:
+    order = np.random.default_rng(seed).permutation(len(keys))
+    n_train = int(round(fractions[0] * len(keys)))
+    n_val = int(round(fractions[1] * len(keys)))
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, len(keys))}
+    lo, hi = bounds[split]
+    return sorted(keys[i] for i in order[lo:hi])
+
+
+def _list_subset(root: Path, subset: str):
+    """Yield ``(alphabet/character, file name, opener)`` for every image of a subset, from its folder or its zip."""
+    folder, archive = root / subset, root / f"{subset}.zip"
+    if folder.is_dir():
+        files = sorted(p for p in folder.glob("*/*/*") if p.is_file())
+        if not files:
+            raise ValueError(f"The Omniglot folder {folder} holds no <alphabet>/<character>/<image> files.")
+        for path in files:
+            yield f"{path.parent.parent.name}/{path.parent.name}", str(path), (lambda p=path: p)
+        return
+    if archive.is_file():
+        try:
+            zf = zipfile.ZipFile(archive)
+        except zipfile.BadZipFile as err:
+            raise ValueError(f"The Omniglot archive {archive} is not a valid zip file ({err}): delete it and download "
+                             "it again.") from err
+        members = sorted(n for n in zf.namelist() if not n.endswith("/") and n.count("/") == 3)
+        for member in members:
+            _, alphabet, character, _ = member.split("/")
+            yield f"{alphabet}/{character}", f"{archive}:{member}", (lambda m=member: io.BytesIO(zf.read(m)))
+        return
+    raise ValueError(
+        f"Omniglot subset {subset!r} not found: looked for the folder {folder} and the archive {archive}. Pass "
+        f"`download=True` to fetch it, or point `root` at the folder that holds {subset}.zip."
+    )

@@ -1,0 +1,65 @@
+"""The one batch type every learner consumes."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Episode(NamedTuple):
+    """A few-shot task, or a meta-batch of them.
+
+    Batched (what a learner's step receives), with B tasks, N ways, K shots and Q queries per class:
+
+    - ``support_x``: ``[B, N*K, ...]`` inputs to adapt on
+    - ``support_y``: ``[B, N*K]`` integer class labels ``0..N-1`` (classification) or float targets (regression)
+    - ``query_x``: ``[B, N*Q, ...]`` inputs to be judged on
+    - ``query_y``: ``[B, N*Q]`` labels or targets of the queries
+
+    A single task (what :meth:`MetaLearner.adapt` takes) has the same fields without the leading ``B``.
+
+    Example:
+        >>> ep = Episode(torch.zeros(2, 5, 1, 28, 28), torch.arange(5).repeat(2, 1),
+        ...              torch.zeros(2, 10, 1, 28, 28), torch.arange(5).repeat(2, 2))
+        >>> ep.num_tasks, ep.num_ways, ep.is_regression
+        (2, 5, False)
+        >>> ep.task(1).support_x.shape
+        torch.Size([5, 1, 28, 28])
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        """The meta-batch size ``B`` of a batched episode."""
+        return int(self.support_x.shape[0])
+
+    @property
+    def is_regression(self) -> bool:
+        """Floating-point targets mean regression; integer labels mean classification."""
+        return bool(torch.is_floating_point(self.support_y))
+
+    @property
+    def num_ways(self) -> int:
+        """Number of classes ``N`` (largest support label + 1); 1 for regression."""
+        if self.is_regression:
+            return 1
+        return int(self.support_y.max()) + 1 if self.support_y.numel() else 0
+
+    def task(self, index: int) -> Episode:
+        """The ``index``-th task of a batched episode, without the batch dimension."""
+        return Episode(*(t[index] for t in self))
+
+    def to(self, *args, **kwargs) -> Episode:
+        """Move every field, like :meth:`torch.Tensor.to`."""
+        return Episode(*(t.to(*args, **kwargs) for t in self))
+
+
+def stack_episodes(episodes: list[Episode]) -> Episode:
+    """Stack single-task episodes into a meta-batch ``[B, ...]``."""
+    return Episode(*(torch.stack(field) for field in zip(*episodes)))

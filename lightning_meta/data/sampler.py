@@ -1,0 +1,171 @@
+"""Episode sampling: seeded, rank-aware, resumable.
+
+Every episode is a pure function of ``(seed, stream, epoch, index)``: its random generator is derived from those four
+numbers alone, so an episode does not depend on which process, worker or rank draws it, nor on what was drawn before.
+Training meta-batches are cut from a global episode sequence: at step ``s`` with ``W`` ranks and ``B`` tasks per rank,
+rank ``r`` draws the global episodes ``s*B*W + r*B ... s*B*W + (r+1)*B - 1``. The union over ranks at one step is
+therefore exactly what one process with ``B*W`` tasks draws at that step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_meta.data.episode import Episode
+
+STREAMS = {"train": 0, "val": 1, "test": 2, "predict": 3}
+
+
+def episode_rng(seed: int, stream: str, epoch: int, index: int) -> np.random.Generator:
+    """The random generator of one episode: a pure function of its coordinates."""
+    return np.random.default_rng([int(seed), STREAMS[stream], int(epoch), int(index)])
+
+
+def labels_of(dataset) -> Tensor:
+    """The integer class label of every item, read without loading any item.
+
+    Looks for a ``labels`` attribute (our datasets, ``TensorClassDataset``), then ``targets`` (torchvision's
+    ``ImageFolder``, ``MNIST``...), then ``_labels`` (some torchvision datasets).
+    """
+    for name in ("labels", "targets", "_labels", "y"):
+        value = getattr(dataset, name, None)
+        if value is not None:
+            labels = torch.as_tensor(np.asarray(value))
+            if labels.ndim != 1 or labels.is_floating_point():
+                raise ValueError(
+                    f"Expected `{type(dataset).__name__}.{name}` to be a 1-D sequence of integer class labels, "
+                    f"but got shape {tuple(labels.shape)} and dtype {labels.dtype}."
+                )
+            if len(labels) != len(dataset):
+                raise ValueError(
+                    f"`{type(dataset).__name__}.{name}` has {len(labels)} entries but the dataset has "
+                    f"{len(dataset)} items: they must match one to one."
+                )
+            return labels.long()
+    raise TypeError(
+        f"`{type(dataset).__name__}` does not expose its labels. Episodic sampling reads every item's class without "
+        "loading images: give the dataset a `labels` attribute (a list or 1-D tensor of ints, one per item), or wrap "
+        "your tensors in `lightning_meta.data.TensorClassDataset(x, y)`."
+    )
+
+
+def gather(dataset, indices: Tensor) -> Tensor:
+    """Load the inputs at ``indices`` as one tensor ``[len(indices), ...]``.
+
+    Datasets with a ``gather(indices)`` method (every in-memory dataset of this package) serve the whole set in one
+    index operation; any other map-style dataset of ``(x, label)`` items is read item by item and stacked.
+    """
+    fast = getattr(dataset, "gather", None)
+    if callable(fast):
+        return fast(indices)
+    items = []
+    for i in indices.tolist():
+        x = dataset[i][0]
+        items.append(torch.as_tensor(np.asarray(x)) if not isinstance(x, Tensor) else x)
+    return torch.stack(items)
+
+
+class ClassEpisodeSampler:
+    """Draws N-way K-shot Q-query classification episodes from a labelled dataset.
+
+    Within an episode the N classes are chosen without replacement and relabelled ``0..N-1`` in a random order; each
+    class contributes K support and Q query items, all distinct, so support and query never share an item. Support and
+    query are ordered class by class (``[class 0 x K, class 1 x K, ...]``).
+
+    Example:
+        >>> from lightning_meta.data import TensorClassDataset
+        >>> ds = TensorClassDataset(torch.randn(60, 3), torch.arange(6).repeat_interleave(10))
+        >>> sampler = ClassEpisodeSampler(ds, n_way=3, n_shot=2, n_query=4, seed=0)
+        >>> ep = sampler.episode("train", epoch=0, index=7)
+        >>> ep.support_x.shape, ep.support_y.tolist(), ep.query_y.shape
+        (torch.Size([6, 3]), [0, 0, 1, 1, 2, 2], torch.Size([12]))
+    """
+
+    def __init__(self, dataset, n_way: int, n_shot: int, n_query: int, seed: int = 0, name: str = "dataset") -> None:
+        self.dataset = dataset
+        self.n_way, self.n_shot, self.n_query, self.seed = n_way, n_shot, n_query, seed
+        labels = labels_of(dataset)
+        classes, counts = torch.unique(labels, return_counts=True)
+        self.classes = classes
+        # index table [C, max_count]: row c lists the items of class c, padded with -1
+        order = torch.argsort(labels, stable=True)
+        self.counts = counts.numpy()
+        self.table = np.full((len(classes), int(counts.max()) if len(counts) else 0), -1, dtype=np.int64)
+        start = 0
+        for row, count in enumerate(self.counts.tolist()):
+            self.table[row, :count] = order[start : start + count].numpy()
+            start += count
+        need = n_shot + n_query
+        if len(classes) < n_way:
+            raise ValueError(
+                f"The {name} has {len(classes)} classes, fewer than `n_way`={n_way}: an episode needs {n_way} distinct "
+                f"classes. Lower `n_way` or add classes."
+            )
+        small = [(classes[i].item(), int(c)) for i, c in enumerate(self.counts) if c < need]
+        if small:
+            names = getattr(dataset, "class_names", None)
+            what = ", ".join(
+                f"{names[label] if names is not None else label!r} ({count} items)" for label, count in small[:5]
+            )
+            more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+            raise ValueError(
+                f"The {name} has {len(small)} classes with fewer than n_shot + n_query = {n_shot} + {n_query} = {need} "
+                f"items: {what}{more}. Every class must be able to fill an episode; lower `n_shot`/`n_query` or "
+                f"remove those classes."
+            )
+        self._support_y = torch.arange(n_way).repeat_interleave(n_shot)
+        self._query_y = torch.arange(n_way).repeat_interleave(n_query)
+
+    def indices(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Item indices of one episode's support ``[N*K]`` and query ``[N*Q]``, class by class."""
+        rows = rng.choice(len(self.counts), size=self.n_way, replace=False)
+        counts = self.counts[rows]
+        keys = rng.random((self.n_way, self.table.shape[1]))
+        keys[np.arange(self.table.shape[1])[None, :] >= counts[:, None]] = 2.0  # padding sorts last
+        picks = np.take_along_axis(self.table[rows], np.argsort(keys, axis=1)[:, : self.n_shot + self.n_query], axis=1)
+        return picks[:, : self.n_shot].reshape(-1), picks[:, self.n_shot :].reshape(-1)
+
+    def episode(self, stream: str, epoch: int, index: int) -> Episode:
+        return self.batch(stream, epoch, [index]).task(0)
+
+    def batch(self, stream: str, epoch: int, indices: Sequence[int]) -> Episode:
+        """The meta-batch of the episodes at ``indices``, with one gather for all of its items."""
+        s_idx, q_idx = zip(*(self.indices(episode_rng(self.seed, stream, epoch, i)) for i in indices))
+        b = len(indices)
+        flat = torch.from_numpy(np.concatenate(s_idx + q_idx))
+        x = gather(self.dataset, flat)
+        n_s = self.n_way * self.n_shot
+        support_x = x[: b * n_s].reshape(b, n_s, *x.shape[1:])
+        query_x = x[b * n_s :].reshape(b, -1, *x.shape[1:])
+        return Episode(support_x, self._support_y.expand(b, -1), query_x, self._query_y.expand(b, -1))
+
+
+class TaskEpisodeSampler:
+    """Draws episodes from a task distribution (e.g. :class:`~lightning_meta.data.Sinusoid`).
+
+    The distribution's ``sample(rng, n_support, n_query)`` returns one task's ``(support_x, support_y, query_x,
+    query_y)``; support holds ``n_way * n_shot`` points and query ``n_way * n_query`` (use ``n_way=1`` for the
+    usual K-shot regression).
+    """
+
+    def __init__(self, tasks, n_way: int, n_shot: int, n_query: int, seed: int = 0, name: str = "dataset") -> None:
+        self.tasks, self.seed = tasks, seed
+        self.n_support, self.n_query = n_way * n_shot, n_way * n_query
+
+    def batch(self, stream: str, epoch: int, indices: Sequence[int]) -> Episode:
+        parts = [self.tasks.sample(episode_rng(self.seed, stream, epoch, i), self.n_support, self.n_query) for i in indices]
+        return Episode(*(torch.stack(field) for field in zip(*parts)))
+
+    def episode(self, stream: str, epoch: int, index: int) -> Episode:
+        return self.batch(stream, epoch, [index]).task(0)
+
+
+def make_sampler(source, n_way: int, n_shot: int, n_query: int, seed: int, name: str):
+    """The sampler for a labelled dataset or a task distribution (anything with ``sample(rng, n_support, n_query)``)."""
+    if callable(getattr(source, "sample", None)) and not hasattr(source, "__getitem__"):
+        return TaskEpisodeSampler(source, n_way, n_shot, n_query, seed, name)
+    return ClassEpisodeSampler(source, n_way, n_shot, n_query, seed, name)

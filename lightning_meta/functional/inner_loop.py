@@ -1,0 +1,91 @@
+"""The MAML inner loop as a pure function of (params, support), built on ``torch.func``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from lightning_meta.functional.episode import per_task_loss
+
+Params = dict[str, Tensor]
+LearningRates = Callable[[int], dict[str, Union[Tensor, float]]]
+
+
+def scaled_grad(
+    loss_fn: Callable[[Params], Tensor], params: Params, scale: float = 1.0
+) -> tuple[Params, Tensor]:
+    """Gradients of ``loss_fn(params)`` with loss scaling: ``grad(scale * loss) / scale``, unscaled in float32.
+
+    Under float16 autocast small inner-loop gradients underflow to zero; scaling the loss before the backward pass
+    and dividing the float32 gradients after keeps them. Returns ``(grads, loss)``; never touches ``.grad``.
+
+    Example:
+        >>> w = {"w": torch.tensor([1.0], dtype=torch.float16)}
+        >>> loss = lambda p: (p["w"] * 1e-8).sum()  # d loss / dw = 1e-8: below float16's smallest number
+        >>> scaled_grad(loss, w)[0]["w"].item(), f"{scaled_grad(loss, w, scale=2.0**14)[0]['w'].item():.2e}"
+        (0.0, '1.00e-08')
+    """
+
+    def scaled(p: Params) -> tuple[Tensor, Tensor]:
+        loss = loss_fn(p)
+        return loss * scale if scale != 1.0 else loss, loss
+
+    grads, loss = torch.func.grad(scaled, has_aux=True)(params)
+    if scale != 1.0:
+        grads = {k: g.float() / scale for k, g in grads.items()}
+    return grads, loss
+
+
+def inner_adapt(
+    forward: Callable[[Params, Tensor], Tensor],
+    params: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    steps: int,
+    learning_rates: LearningRates,
+    first_order: bool = False,
+    loss_scale: float = 1.0,
+) -> tuple[list[Params], Tensor, Tensor]:
+    """Adapt ``params`` to one task by ``steps`` gradient steps on its support set (Finn et al. 2017, eq. 1).
+
+    ``theta_{i+1} = theta_i - alpha_i * grad L_support(theta_i)``. The result is differentiable with respect to the
+    initial ``params`` (second order) unless ``first_order``, where each step's gradient is treated as a constant.
+
+    Args:
+        forward: ``(params, x) -> outputs``, usually ``functional_call`` of a module.
+        params: the parameters to adapt, by name.
+        support_x, support_y: one task's support set (no batch dimension).
+        steps: number of inner steps.
+        learning_rates: ``step -> {name: rate}``; a rate is a float, a scalar tensor or a tensor shaped like its
+            parameter (Meta-SGD), and may be learnable.
+        first_order: drop second-order terms.
+        loss_scale: loss scaling for float16 (see :func:`scaled_grad`).
+
+    Returns:
+        ``(params after each step [steps + 1 dicts, the first the initial], inner losses [steps],
+        finite gradients [steps] as booleans)``.
+
+    Example:
+        >>> w = {"w": torch.tensor(1.0, requires_grad=True)}
+        >>> fwd = lambda p, x: p["w"] * x
+        >>> traj, losses, ok = inner_adapt(fwd, w, torch.ones(4), torch.full((4,), 3.0), 1, lambda s: {"w": 0.25})
+        >>> round(traj[-1]["w"].item(), 4), losses.tolist(), ok.tolist()   # w - 0.25 * 2 * (w - 3) = 2
+        (2.0, [4.0], [True])
+    """
+    trajectory, losses, finite = [params], [], []
+    for step in range(steps):
+        grads, loss = scaled_grad(lambda p: per_task_loss(forward(p, support_x), support_y), params, loss_scale)
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        rates = learning_rates(step)
+        params = {k: p - rates[k] * grads[k].to(p.dtype) for k, p in params.items()}
+        trajectory.append(params)
+        losses.append(loss.float())
+        finite.append(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
+    if not steps:
+        empty = support_x.new_zeros(0)
+        return trajectory, empty.float(), empty.bool()
+    return trajectory, torch.stack(losses), torch.stack(finite)

@@ -1,0 +1,6 @@
+from lightning_meta.learners.attention import AttentionLearner
+from lightning_meta.learners.base import MetaLearner, TaskPredictor, check_episode
+from lightning_meta.learners.maml import ANIL, MAML, MetaSGD
+from lightning_meta.learners.protonet import ProtoNet
+
+__all__ = ["ANIL", "AttentionLearner", "MAML", "MetaLearner", "MetaSGD", "ProtoNet", "TaskPredictor", "check_episode"]

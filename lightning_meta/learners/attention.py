@@ -1,0 +1,163 @@
+"""AttentionLearner: a transformer that reads the labelled support set and the queries and predicts in one pass."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_meta.data.episode import Episode
+from lightning_meta.functional import class_prototypes
+from lightning_meta.learners.base import MetaLearner, TaskPredictor
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block on PyTorch's fused ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))  # [B, T, D]
+        return x + self.mlp(self.norm2(x))
+
+
+class AttentionLearner(MetaLearner):
+    """Black-box meta-learner: adaptation is a forward pass of a transformer over the support set and the queries.
+
+    Tokens (classification), for N classes, S support and M query examples with backbone embeddings ``e``:
+
+    - N class tokens: the mean embedding of each class's support examples plus a class marker;
+    - S support tokens: ``e_i`` plus the embedding of its label, which is its class token (so a label is embedded by
+      what its examples look like, never by its number);
+    - M query tokens: ``e_j`` plus a learned "unknown label" marker.
+
+    Class and support tokens attend to each other; queries attend to them and to themselves (and to the other
+    queries only with ``query_attention=True``). A query's logit for class k is the scaled dot product of its output
+    token with class k's output token, so one trained model serves any N up to ``max_way``, its predictions are
+    equivariant to relabelling the support classes and invariant to the order of the support set, and no query ever
+    sees a query label. Regression: support tokens carry ``(x, y)`` (``e_i`` plus a projection of ``y_i``) and a
+    linear head reads each query token.
+
+    Args:
+        backbone: maps inputs ``[n, ...]`` to embeddings ``[n, D]``.
+        max_way: the largest N accepted.
+        dim, depth, heads, dropout: transformer width, blocks, attention heads and dropout.
+        query_attention: let queries attend to each other (transductive).
+        embedding_dim: D, the backbone's embedding size (read from ``backbone.embedding_dim`` when absent).
+
+    Example:
+        >>> from lightning_meta.models import MLP
+        >>> net = AttentionLearner(MLP(4, (16,)), max_way=5, dim=32, heads=4)
+        >>> ep = Episode(torch.randn(2, 6, 4), torch.arange(3).repeat_interleave(2).repeat(2, 1),
+        ...              torch.randn(2, 9, 4), torch.arange(3).repeat_interleave(3).repeat(2, 1))
+        >>> net(ep).shape
+        torch.Size([2, 9, 3])
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        max_way: int = 20,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        dropout: float = 0.0,
+        query_attention: bool = False,
+        embedding_dim: Optional[int] = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        lr_scheduler: Optional[str] = None,
+        lr_step_epochs: int = 10,
+        lr_gamma: float = 0.5,
+        nonfinite: str = "raise",
+    ) -> None:
+        super().__init__(lr, weight_decay, optimizer, lr_scheduler, lr_step_epochs, lr_gamma, nonfinite)
+        for name, value, minimum in (("max_way", max_way, 2), ("dim", dim, 1), ("depth", depth, 1), ("heads", heads, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"Expected `{name}` to be an integer >= {minimum}, but got {value!r}.")
+        if dim % heads:
+            raise ValueError(f"Expected `dim` ({dim}) to be divisible by `heads` ({heads}).")
+        embedding_dim = embedding_dim or getattr(backbone, "embedding_dim", None)
+        if embedding_dim is None:
+            raise ValueError("Pass `embedding_dim`: the backbone has no `embedding_dim` attribute to read it from.")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone, self.max_way = backbone, max_way
+        self.input = nn.Linear(embedding_dim, dim)
+        self.label = nn.Linear(dim, dim)  # embeds a label by its class token
+        self.target = nn.Linear(1, dim)  # embeds a regression target
+        self.markers = nn.Parameter(torch.randn(3, dim) * 0.02)  # class, support, unknown-label
+        self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.readout = nn.Linear(dim, 1)
+        self.query_attention = query_attention
+
+    def check_episode(self, batch: Episode) -> int:
+        n_way = super().check_episode(batch)
+        if n_way > self.max_way:
+            raise ValueError(
+                f"This episode has {n_way} classes but the AttentionLearner was built for at most max_way="
+                f"{self.max_way}: sample at most {self.max_way}-way episodes or build it with max_way>={n_way}."
+            )
+        return n_way
+
+    def _mask(self, n_context: int, m: int, device) -> Tensor:
+        """Boolean ``[T, T]`` attention mask (True = may attend): context tokens see the context; queries see the
+        context and themselves (and each other when ``query_attention``)."""
+        t = n_context + m
+        mask = torch.zeros(t, t, dtype=torch.bool, device=device)
+        mask[:, :n_context] = True
+        if self.query_attention:
+            mask[n_context:, n_context:] = True
+        else:
+            mask[n_context:, n_context:] = torch.eye(m, dtype=torch.bool, device=device)
+        return mask
+
+    def _run(self, tokens: Tensor, n_context: int) -> Tensor:
+        mask = self._mask(n_context, tokens.shape[1] - n_context, tokens.device)
+        for block in self.blocks:
+            tokens = block(tokens, mask)
+        return self.norm(tokens)
+
+    def forward_episode(self, batch: Episode) -> Tensor:
+        sx, sy, qx, _ = batch
+        b, s, m = sx.shape[0], sx.shape[1], qx.shape[1]
+        e = self.input(self.backbone(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)])).flatten(1))
+        support, query = e[: b * s].view(b, s, -1), e[b * s :].view(b, m, -1)  # [B, S, D], [B, M, D]
+        query = query + self.markers[2]
+        if sy.is_floating_point():
+            support = support + self.target(sy.unsqueeze(-1).to(support.dtype)) + self.markers[1]
+            out = self._run(torch.cat([support, query], 1), s)
+            return self.readout(out[:, s:])  # [B, M, 1]
+        n_way = int(sy.max()) + 1
+        classes = class_prototypes(support, sy, n_way) + self.markers[0]  # [B, N, D]
+        support = support + self.label(torch.gather(classes, 1, sy.unsqueeze(-1).expand_as(support))) + self.markers[1]
+        out = self._run(torch.cat([classes, support, query], 1), n_way + s)  # [B, N+S+M, D]
+        class_out, query_out = out[:, :n_way], out[:, n_way + s :]
+        return (query_out @ class_out.transpose(1, 2)).float() / math.sqrt(out.shape[-1])  # [B, M, N]
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskPredictor:
+        batch, n_way = self._single_task(support_x, support_y)
+
+        def predict(query_x: Tensor) -> Tensor:
+            was = self.training
+            self.eval()
+            with torch.no_grad():
+                qx = query_x.to(batch.support_x.device)[None]
+                qy = torch.zeros(qx.shape[:2], dtype=batch.support_y.dtype, device=qx.device)
+                out = self.forward_episode(Episode(batch.support_x, batch.support_y, qx, qy))[0]
+            self.train(was)
+            return out
+
+        return TaskPredictor(self, predict, n_way)

@@ -1,0 +1,243 @@
+"""MetaLearner: the LightningModule base every learner shares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_meta.data.episode import Episode
+from lightning_meta.functional.episode import episode_accuracy, per_task_loss
+from lightning_meta.metrics import EpisodeMean
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+SCHEDULERS = (None, "cosine", "step")
+STAGES = ("train", "val", "test")
+
+
+class TaskPredictor:
+    """What :meth:`MetaLearner.adapt` returns: call it on query inputs ``[M, ...]`` to get logits ``[M, N]`` (or
+    predictions ``[M, ...]`` for regression). Runs without gradients, in the learner's evaluation mode."""
+
+    def __init__(self, learner: MetaLearner, predict: Callable[[Tensor], Tensor], n_way: int) -> None:
+        self.learner, self._predict, self.n_way = learner, predict, n_way
+
+    def __call__(self, query_x: Tensor) -> Tensor:
+        return self._predict(query_x)
+
+
+class MetaLearner(L.LightningModule):
+    """Shared episode steps, metrics, logging and optimizers; subclasses implement :meth:`forward_episode` (a batch of
+    tasks to query outputs) and :meth:`adapt` (one task to a predictor).
+
+    Args:
+        lr: outer-loop learning rate.
+        weight_decay: outer-loop weight decay.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9).
+        lr_scheduler: ``None``, ``"cosine"`` (per step, over the whole run) or ``"step"`` (x ``lr_gamma`` every
+            ``lr_step_epochs`` epochs).
+        nonfinite: what to do when a training meta-loss is NaN or infinite: ``"raise"`` stops with an error naming the
+            step; ``"skip"`` warns and skips the meta-batch (no update).
+
+    Logged: ``train/loss`` and ``train/acc`` (or ``train/mse``); ``val/loss``, ``val/acc`` and ``val/acc_ci95``
+    (classification) or ``val/mse`` and ``val/mse_ci95`` (regression); likewise ``test/*``.
+    """
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        lr_scheduler: Optional[str] = None,
+        lr_step_epochs: int = 10,
+        lr_gamma: float = 0.5,
+        nonfinite: str = "raise",
+    ) -> None:
+        super().__init__()
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"Expected `lr` to be a positive number, but got {lr!r}.")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"Expected `optimizer` to be one of {sorted(OPTIMIZERS)}, but got {optimizer!r}.")
+        if lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"Expected `lr_scheduler` to be one of {SCHEDULERS}, but got {lr_scheduler!r}.")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"Expected `nonfinite` to be 'raise' or 'skip', but got {nonfinite!r}.")
+        # per-stage episode metrics (ModuleDict keys may not shadow Module methods such as `train`)
+        self.metrics = nn.ModuleDict({f"{stage}_value": EpisodeMean() for stage in STAGES})
+        self.losses = nn.ModuleDict({f"{stage}_loss": EpisodeMean() for stage in STAGES})
+        self._regression: Optional[bool] = None
+
+    # ------------------------------------------------------------------ what subclasses implement
+    def forward_episode(self, batch: Episode) -> Tensor:
+        """Query outputs ``[B, M, N]`` (logits) or ``[B, M]`` (regression) for a meta-batch of tasks."""
+        raise NotImplementedError
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskPredictor:
+        """Adapt to one new task (no batch dimension) and return a predictor for its queries."""
+        raise NotImplementedError
+
+    def meta_loss(self, batch: Episode, outputs: Tensor) -> Tensor:
+        """The loss the outer loop minimises (default: mean query loss over the tasks)."""
+        return per_task_loss(outputs, batch.query_y).mean()
+
+    def check_episode(self, batch: Episode) -> int:
+        """Validate a meta-batch before any work; returns its number of ways (1 for regression)."""
+        return check_episode(batch)
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, batch: Episode) -> Tensor:
+        return self.forward_episode(batch)
+
+    def _step(self, batch: Any, stage: str) -> Optional[Tensor]:
+        batch = Episode(*batch)
+        self.check_episode(batch)
+        outputs = self.forward_episode(batch)
+        loss = self.meta_loss(batch, outputs)
+        if stage == "train" and not torch.isfinite(loss):
+            step = self.trainer.global_step if self._trainer is not None else 0
+            if self.hparams.get("nonfinite", "raise") == "skip":
+                rank_zero_warn(f"Skipped meta-batch at global step {step}: the meta-loss is {loss.item()}.")
+                return None
+            raise FloatingPointError(
+                f"The meta-loss became {loss.item()} at global step {step} (epoch {self.current_epoch}, batch "
+                f"{self.trainer.fit_loop.epoch_loop.batch_idx if self._trainer is not None else 0}). Training stopped "
+                "before the model was updated. Lower the learning rates, check the inputs for NaNs, or pass "
+                "nonfinite='skip' to skip such meta-batches."
+            )
+        self._log_step(batch, outputs.detach(), loss.detach(), stage)
+        return loss
+
+    def _log_step(self, batch: Episode, outputs: Tensor, loss: Tensor, stage: str) -> None:
+        regression = batch.is_regression
+        self._regression = regression
+        per_task = per_task_loss(outputs, batch.query_y)
+        value = per_task if regression else episode_accuracy(outputs, batch.query_y)
+        b = batch.num_tasks
+        name = "mse" if regression else "acc"
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True, batch_size=b)
+            self.log(f"train/{name}", value.mean(), prog_bar=True, batch_size=b)
+        else:
+            self.metrics[f"{stage}_value"].update(value)
+            self.losses[f"{stage}_loss"].update(per_task)
+
+    def _log_epoch(self, stage: str) -> None:
+        if self.metrics[f"{stage}_value"].update_count == 0 and self._regression is None:
+            return
+        name = "mse" if self._regression else "acc"
+        mean, ci95 = self.metrics[f"{stage}_value"].compute()
+        loss, _ = self.losses[f"{stage}_loss"].compute()
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/{name}": mean, f"{stage}/{name}_ci95": ci95},
+                      prog_bar=stage == "val")
+        self.metrics[f"{stage}_value"].reset()
+        self.losses[f"{stage}_loss"].reset()
+
+    def training_step(self, batch: Episode, batch_idx: int) -> Optional[Tensor]:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Episode, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Episode, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Episode, batch_idx: int) -> Tensor:
+        batch = Episode(*batch)
+        self.check_episode(batch)
+        return self.forward_episode(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    # ------------------------------------------------------------------ optimizers
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        name = hp.get("optimizer", "adam")
+        kwargs = {"lr": hp.get("lr", 1e-3), "weight_decay": hp.get("weight_decay", 0.0)}
+        if name == "sgd":
+            kwargs["momentum"] = 0.9
+        optimizer = OPTIMIZERS[name](self.parameters(), **kwargs)
+        schedule = hp.get("lr_scheduler")
+        if schedule is None:
+            return optimizer
+        if schedule == "cosine":
+            total = max(int(self.trainer.estimated_stepping_batches), 1)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.get("lr_step_epochs", 10), hp.get("lr_gamma", 0.5))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ single-task helpers
+    def _single_task(self, support_x: Tensor, support_y: Tensor) -> tuple[Episode, int]:
+        """Check one task's support set and return it as a meta-batch of one, with its number of ways."""
+        support_x, support_y = torch.as_tensor(support_x), torch.as_tensor(support_y)
+        if support_y.dim() != 1:
+            raise ValueError(
+                f"`adapt` takes one task without a batch dimension: support_y must be [N*K], got shape "
+                f"{tuple(support_y.shape)}. For a meta-batch, call the learner on an Episode instead."
+            )
+        device = next(self.parameters()).device
+        x, y = support_x.to(device).unsqueeze(0), support_y.to(device).unsqueeze(0)
+        batch = Episode(x, y, x[:, :1], y[:, :1])
+        return batch, self.check_episode(batch)
+
+
+def check_episode(batch: Episode) -> int:
+    """Shapes, dtypes and label ranges of a meta-batch; returns N (1 for regression). Errors name the mismatch."""
+    if not isinstance(batch, tuple) or len(batch) != 4:
+        raise TypeError(f"Expected an Episode (support_x, support_y, query_x, query_y), but got {type(batch).__name__}.")
+    sx, sy, qx, qy = batch
+    for name, t in zip(Episode._fields, batch):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"Episode.{name} must be a tensor, but got {type(t).__name__}.")
+    if sy.dim() != 2 or qy.dim() != 2:
+        raise ValueError(
+            f"Expected support_y [B, N*K] and query_y [B, M] with a meta-batch dimension, but got shapes "
+            f"{tuple(sy.shape)} and {tuple(qy.shape)}."
+        )
+    if sx.shape[:2] != sy.shape or qx.shape[:2] != qy.shape:
+        raise ValueError(
+            f"Episode inputs and labels disagree: support_x {tuple(sx.shape)} vs support_y {tuple(sy.shape)}, "
+            f"query_x {tuple(qx.shape)} vs query_y {tuple(qy.shape)} (the first two dimensions must match)."
+        )
+    if sx.shape[2:] != qx.shape[2:]:
+        raise ValueError(f"Support and query inputs differ in shape: {tuple(sx.shape[2:])} vs {tuple(qx.shape[2:])}.")
+    if sy.shape[1] == 0:
+        raise ValueError("The episode's support set is empty: a task needs at least one labelled example to adapt on.")
+    if qy.shape[1] == 0:
+        raise ValueError("The episode's query set is empty: there is nothing to predict.")
+    if sy.is_floating_point() != qy.is_floating_point():
+        raise TypeError(f"support_y is {sy.dtype} but query_y is {qy.dtype}: both must be integer labels "
+                        "(classification) or both float targets (regression).")
+    for name, t in (("support_x", sx), ("query_x", qx)):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"Episode.{name} contains NaN or infinite values: clean the inputs before training.")
+    if sy.is_floating_point():
+        if not (torch.isfinite(sy).all() and torch.isfinite(qy).all()):
+            raise ValueError("Episode regression targets contain NaN or infinite values.")
+        return 1
+    lo, hi = int(torch.minimum(sy.min(), qy.min())), int(sy.max())
+    if lo < 0:
+        raise ValueError(f"Episode labels must be 0..N-1, but found label {lo}.")
+    n_way = hi + 1
+    q_hi = int(qy.max())
+    if q_hi >= n_way:
+        raise ValueError(
+            f"A query label ({q_hi}) is outside the support labels 0..{n_way - 1}: every query class must appear in "
+            "the support set."
+        )
+    counts = torch.zeros(sy.shape[0], n_way, dtype=torch.long, device=sy.device).scatter_add_(1, sy, torch.ones_like(sy))
+    if (counts == 0).any():
+        missing = int((counts == 0).nonzero()[0, 1])
+        raise ValueError(
+            f"Support labels must cover 0..N-1 with N={n_way}, but class {missing} has no support example in some "
+            "task: relabel each task's classes 0..N-1."
+        )
+    return n_way

@@ -1,0 +1,332 @@
+"""MAML (Finn, Abbeel & Levine, ICML 2017) and its variants: first-order MAML, ANIL (Raghu et al. 2020), Meta-SGD
+(Li et al. 2017) and the MAML++ options of Antoniou et al. (2019)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_meta.data.episode import Episode
+from lightning_meta.functional.episode import per_task_loss
+from lightning_meta.functional.inner_loop import inner_adapt
+from lightning_meta.learners.base import MetaLearner, TaskPredictor
+
+TASK_PARALLEL = ("auto", "vmap", "loop")
+
+
+def _check(name: str, value, minimum, kind=int) -> None:
+    ok = isinstance(value, kind) and not isinstance(value, bool) and value >= minimum
+    if not ok or (kind is float and not value > 0):
+        what = "an integer >=" if kind is int else "a positive number, >"
+        raise ValueError(f"Expected `{name}` to be {what} {minimum}, but got {value!r}.")
+
+
+def _disable_running_stats(module: nn.Module) -> None:
+    """Batch norm uses each forward pass's own statistics (per task, as in Finn et al.'s reference code)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+
+
+class MAML(MetaLearner):
+    """Model-Agnostic Meta-Learning: adapt all parameters by ``inner_steps`` gradient steps on each task's support set
+    and update the initialization through those steps (second order, or first order by flag).
+
+    The inner loop is a pure function of (params, support) on ``torch.func`` (no module cloning): a meta-batch runs as
+    one ``vmap`` over its tasks or as a loop (``task_parallel="auto"`` picks ``vmap`` for networks without
+    convolutions, where it is faster on CPU). Inner gradients never touch ``.grad``, so no DDP hook fires inside the
+    inner loop; Lightning owns the outer backward, gradient scaling, clipping and DDP synchronisation.
+
+    Batch norm: running statistics are turned off on the backbone; every forward pass (each task's support set, each
+    query set) normalises with its own batch statistics, in training and evaluation alike, as in the paper's code.
+
+    Validation and testing adapt with gradients even under Lightning's default ``inference_mode=True``.
+
+    Args:
+        backbone: network whose outputs are the N-way logits (``Conv4(out_features=N)``) or regression outputs.
+        inner_lr: inner-loop step size (the initial value when learned).
+        inner_steps: inner steps while meta-training.
+        eval_inner_steps: inner steps in validation, testing and :meth:`adapt` (default: ``inner_steps``).
+        first_order: drop second-order terms (FOMAML).
+        learn_inner_lr: learn one inner rate per parameter tensor (per layer).
+        per_step_lr: MAML++ LSLR: learn one rate per parameter tensor and per inner step.
+        multi_step_loss: MAML++ MSL: the meta-loss weighs the query loss after every inner step, annealed to the last
+            step over ``msl_epochs`` epochs.
+        first_order_epochs: MAML++ derivative-order annealing: first order for the first epochs, then second.
+        task_parallel: ``"auto"``, ``"vmap"`` or ``"loop"``.
+        inner_loss_scale: loss scale of the inner loop (``None``: 1024 under float16 precision, else 1), so small
+            inner gradients do not underflow in float16.
+        **kwargs: optimizer options of :class:`MetaLearner`.
+
+    Example:
+        >>> from lightning_meta.models import MLP
+        >>> maml = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, inner_steps=1)
+        >>> ep = Episode(torch.randn(4, 10, 1), torch.randn(4, 10), torch.randn(4, 10, 1), torch.randn(4, 10))
+        >>> maml(ep).shape
+        torch.Size([4, 10, 1])
+        >>> maml.adapt(ep.support_x[0], ep.support_y[0])(torch.randn(3, 1)).shape
+        torch.Size([3, 1])
+    """
+
+    adapt_head_only = False
+    meta_sgd = False
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        eval_inner_steps: Optional[int] = None,
+        first_order: bool = False,
+        learn_inner_lr: bool = False,
+        per_step_lr: bool = False,
+        multi_step_loss: bool = False,
+        msl_epochs: int = 10,
+        first_order_epochs: int = 0,
+        task_parallel: str = "auto",
+        inner_loss_scale: Optional[float] = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        lr_scheduler: Optional[str] = None,
+        lr_step_epochs: int = 10,
+        lr_gamma: float = 0.5,
+        nonfinite: str = "raise",
+    ) -> None:
+        super().__init__(lr, weight_decay, optimizer, lr_scheduler, lr_step_epochs, lr_gamma, nonfinite)
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"Expected `backbone` to be an nn.Module, but got {type(backbone).__name__}.")
+        _check("inner_lr", float(inner_lr) if isinstance(inner_lr, int) and not isinstance(inner_lr, bool)
+               else inner_lr, 0, float)
+        _check("inner_steps", inner_steps, 1)
+        eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        _check("eval_inner_steps", eval_inner_steps, 1)
+        _check("msl_epochs", msl_epochs, 1)
+        _check("first_order_epochs", first_order_epochs, 0)
+        if task_parallel not in TASK_PARALLEL:
+            raise ValueError(f"Expected `task_parallel` to be one of {TASK_PARALLEL}, but got {task_parallel!r}.")
+        if inner_loss_scale is not None:
+            _check("inner_loss_scale", float(inner_loss_scale), 0, float)
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        _disable_running_stats(backbone)
+        self.inner_steps, self.eval_inner_steps = inner_steps, eval_inner_steps
+        self.first_order = first_order
+        module = self._adapted_module()
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        if not names:
+            raise ValueError("The backbone has no trainable parameters to adapt.")
+        self._adapted_names = names
+        self.use_vmap = task_parallel == "vmap" or (
+            task_parallel == "auto" and not any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+        )
+        learned = learn_inner_lr or per_step_lr or self.meta_sgd
+        self.inner_lrs = nn.ParameterDict()
+        if learned:
+            params = dict(module.named_parameters())
+            for n in names:
+                if self.meta_sgd:
+                    init = torch.full_like(params[n], float(inner_lr))
+                else:
+                    init = torch.full((inner_steps if per_step_lr else 1,), float(inner_lr))
+                self.inner_lrs[n.replace(".", "__")] = nn.Parameter(init)
+        self._fixed_lr = None if learned else float(inner_lr)
+        linears = [m for m in backbone.modules() if isinstance(m, nn.Linear)]
+        self.out_features = linears[-1].out_features if linears else None
+        self._step_outputs: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ pieces ANIL overrides
+    def _adapted_module(self) -> nn.Module:
+        return self.backbone
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Inputs of the adapted module for ``x [B, n, ...]`` (MAML: the inputs themselves)."""
+        return x
+
+    # ------------------------------------------------------------------ inner loop
+    def _rates(self, step: int):
+        if self._fixed_lr is not None:
+            return lambda s: dict.fromkeys(self._adapted_names, self._fixed_lr)
+        def rates(s: int):
+            out = {}
+            for n in self._adapted_names:
+                lr = self.inner_lrs[n.replace(".", "__")]
+                out[n] = lr if self.meta_sgd else lr[min(s, lr.shape[0] - 1)]
+            return out
+        return rates
+
+    def _loss_scale(self) -> float:
+        scale = self.hparams.get("inner_loss_scale")
+        if scale is not None:
+            return float(scale)
+        precision = str(getattr(self._trainer, "precision", "32")) if self._trainer is not None else "32"
+        return 1024.0 if precision.startswith("16") else 1.0
+
+    def _first_order_now(self) -> bool:
+        return self.first_order or (
+            self._trainer is not None and self.current_epoch < self.hparams.get("first_order_epochs", 0)
+        )
+
+    def _run_tasks(self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int, first_order: bool, all_steps: bool):
+        """Adapt to every task and predict its queries: ``(outputs [B, T, M, ...], inner losses [B, steps],
+        finite gradients [B, steps])`` with T = steps when ``all_steps`` else 1."""
+        module = self._adapted_module()
+        params = {n: p for n, p in module.named_parameters() if n in self._adapted_names}
+        rates, scale = self._rates(steps), self._loss_scale()
+
+        def forward(p, x):
+            return functional_call(module, p, (x,))
+
+        def task(sx_t, sy_t, qx_t):
+            trajectory, losses, finite = inner_adapt(forward, params, sx_t, sy_t, steps, rates, first_order, scale)
+            chosen = trajectory[1:] if all_steps else trajectory[-1:]
+            return torch.stack([forward(p, qx_t) for p in chosen]), losses, finite
+
+        if self.use_vmap:
+            return torch.func.vmap(task, randomness="different")(sx, sy, qx)
+        results = [task(sx[i], sy[i], qx[i]) for i in range(sx.shape[0])]
+        return tuple(torch.stack(r) for r in zip(*results))
+
+    def _raise_nonfinite(self, losses: Tensor, finite: Tensor) -> None:
+        bad = (~torch.isfinite(losses)) | (~finite)
+        if bad.any():
+            task, step = (int(i) for i in bad.nonzero()[0])
+            if self.hparams.get("nonfinite", "raise") == "skip" and self.training:
+                return  # the meta-loss is non-finite too: the base class skips the meta-batch with a warning
+            raise FloatingPointError(
+                f"MAML inner loop: the support loss or its gradient became non-finite at inner step {step} of task "
+                f"{task} in the meta-batch (loss {losses[task, step].item()}). Lower `inner_lr`, use "
+                "`inner_loss_scale` under float16, or check the inputs."
+            )
+
+    @contextlib.contextmanager
+    def _grad_mode(self):
+        """Gradients for the inner loop even inside Lightning's inference mode (validation, testing)."""
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.enable_grad():
+                yield True
+        else:
+            with torch.enable_grad():
+                yield False
+
+    def forward_episode(self, batch: Episode) -> Tensor:
+        sx, sy, qx, _ = batch
+        training = self.training
+        steps = self.inner_steps if training else self.eval_inner_steps
+        msl = training and self.hparams.get("multi_step_loss", False)
+        with self._grad_mode() as cloned:
+            if cloned:  # inference tensors cannot enter autograd: take normal copies
+                sx, sy, qx = sx.clone(), sy.clone(), qx.clone()
+            b, s = sx.shape[:2]
+            encoded = self.encode(torch.cat([sx, qx], dim=1))  # [B, S+M, ...]
+            if not training:
+                encoded = encoded.detach()
+            outputs, losses, finite = self._run_tasks(
+                encoded[:, :s], sy, encoded[:, s:], steps, first_order=not training or self._first_order_now(),
+                all_steps=msl,
+            )
+            self._raise_nonfinite(losses.detach(), finite)
+            if not training:
+                outputs = outputs.detach()
+        self._step_outputs = outputs if msl else None
+        return outputs[:, -1]  # [B, M, N]
+
+    def check_episode(self, batch: Episode) -> int:
+        n_way = super().check_episode(batch)
+        expected = self.out_features
+        if expected is not None and not batch.is_regression and expected != n_way:
+            raise ValueError(
+                f"This is a {n_way}-way episode but the model's head has {expected} outputs: build the backbone with "
+                f"out_features={n_way}, or sample {expected}-way episodes."
+            )
+        return n_way
+
+    def meta_loss(self, batch: Episode, outputs: Tensor) -> Tensor:
+        if self._step_outputs is None:
+            return super().meta_loss(batch, outputs)
+        per_step = torch.stack([per_task_loss(self._step_outputs[:, t], batch.query_y).mean()
+                                for t in range(self._step_outputs.shape[1])])
+        return (self.msl_weights().to(per_step) * per_step).sum()
+
+    def msl_weights(self) -> Tensor:
+        """MAML++ multi-step loss weights for the current epoch (Antoniou et al. 2019, section 4)."""
+        steps, epochs = self.inner_steps, self.hparams.get("msl_epochs", 10)
+        epoch = self.current_epoch if self._trainer is not None else 0
+        decay = 1.0 / steps / epochs
+        floor = 0.03 / steps
+        w = torch.full((steps,), max(1.0 / steps - epoch * decay, floor))
+        w[-1] = min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
+        return w
+
+    # ------------------------------------------------------------------ one new task
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskPredictor:
+        batch, n_way = self._single_task(support_x, support_y)
+        module = self._adapted_module()
+        params = {n: p for n, p in module.named_parameters() if n in self._adapted_names}
+        with self._grad_mode():
+            sx = self.encode(batch.support_x.clone())[0].detach()
+            trajectory, losses, finite = inner_adapt(
+                lambda p, x: functional_call(module, p, (x,)), params, sx, batch.support_y[0].clone(),
+                self.eval_inner_steps, self._rates(self.eval_inner_steps), True, self._loss_scale(),
+            )
+        self._raise_nonfinite(losses[None].detach(), finite[None])
+        adapted = {k: v.detach() for k, v in trajectory[-1].items()}
+
+        def predict(query_x: Tensor) -> Tensor:
+            with torch.no_grad():
+                x = self.encode(query_x.to(sx.device)[None])[0]
+                return functional_call(module, adapted, (x,))
+
+        return TaskPredictor(self, predict, n_way)
+
+
+class ANIL(MAML):
+    """Almost No Inner Loop (Raghu et al., ICLR 2020): adapt only the head; the body runs once per meta-batch.
+
+    The backbone needs ``forward_features(x)`` and a ``head`` module (as ``Conv4``, ``MLP`` and ``ResNet12`` with
+    ``out_features`` have). The body sees all tasks' support and query inputs of a meta-batch in one call (its batch
+    norm statistics are those of the whole meta-batch); only ``head`` is adapted, by ``vmap`` over the tasks.
+
+    Example:
+        >>> from lightning_meta.models import MLP
+        >>> anil = ANIL(MLP(8, (16,), 3), inner_lr=0.5, inner_steps=2)
+        >>> ep = Episode(torch.randn(2, 6, 8), torch.arange(3).repeat(2, 2), torch.randn(2, 3, 8), torch.arange(3).repeat(2, 1))
+        >>> anil(ep).shape, anil._adapted_names
+        (torch.Size([2, 3, 3]), ['weight', 'bias'])
+    """
+
+    adapt_head_only = True
+
+    def __init__(self, backbone: nn.Module, *args, **kwargs) -> None:
+        head = getattr(backbone, "head", None)
+        if not isinstance(head, nn.Module) or not callable(getattr(backbone, "forward_features", None)):
+            raise ValueError(
+                "ANIL adapts only the head: the backbone needs a `head` module and a `forward_features(x)` method "
+                "(e.g. Conv4(out_features=N)); got a backbone without them."
+            )
+        super().__init__(backbone, *args, **kwargs)
+
+    def _adapted_module(self) -> nn.Module:
+        return self.backbone.head
+
+    def encode(self, x: Tensor) -> Tensor:
+        b, n = x.shape[:2]
+        return self.backbone.forward_features(x.flatten(0, 1)).view(b, n, -1)  # [B, n, D]
+
+
+class MetaSGD(MAML):
+    """Meta-SGD (Li et al. 2017): learns a step size for every parameter element, initialised to ``inner_lr``.
+
+    Example:
+        >>> from lightning_meta.models import MLP
+        >>> m = MetaSGD(MLP(1, (4,), 1), inner_lr=0.1)
+        >>> sorted(m.inner_lrs.keys()), m.inner_lrs["features__1__weight"].shape
+        (['features__1__bias', 'features__1__weight', 'head__bias', 'head__weight'], torch.Size([4, 1]))
+    """
+
+    meta_sgd = True

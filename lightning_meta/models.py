@@ -1,0 +1,118 @@
+"""Backbones: ordinary ``nn.Module``s passed to learners."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+from torch import Tensor, nn
+
+
+class _Backbone(nn.Module):
+    """``features`` maps inputs to a flat embedding ``[B, D]``; ``head`` (a Linear, or None) maps it to outputs."""
+
+    features: nn.Module
+    head: Optional[nn.Linear]
+    embedding_dim: int
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.features(x)
+        return z if self.head is None else self.head(z)
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+
+
+class Conv4(_Backbone):
+    """The 4 x [conv3x3-BN-ReLU-maxpool2] network of Vinyals et al. (2016), Finn et al. (2017), Snell et al. (2017).
+
+    Args:
+        in_channels: input channels (1 for Omniglot, 3 for miniImageNet).
+        hidden: channels of every block (64 in the papers; 32 for MAML on miniImageNet).
+        out_features: ``None`` gives the flattened embedding (ProtoNet, AttentionLearner); an int adds a linear head
+            (MAML family: the number of ways).
+        image_size: input side, to size the flattened embedding (28 -> 1x1, 84 -> 5x5 spatial).
+
+    Example:
+        >>> Conv4(out_features=5)(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 5])
+        >>> Conv4(in_channels=3, image_size=84).embedding_dim
+        1600
+    """
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, out_features: Optional[int] = None,
+                 image_size: int = 28) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_block(in_channels, hidden), _conv_block(hidden, hidden), _conv_block(hidden, hidden),
+            _conv_block(hidden, hidden), nn.Flatten(),
+        )
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        if side < 1:
+            raise ValueError(f"Conv4 halves the image four times: `image_size` must be at least 16, got {image_size}.")
+        self.embedding_dim = hidden * side * side
+        self.head = nn.Linear(self.embedding_dim, out_features) if out_features is not None else None
+
+
+class MLP(_Backbone):
+    """Fully connected ReLU network (the MAML paper's sinusoid regressor is ``MLP(1, (40, 40), 1)``).
+
+    Example:
+        >>> MLP(1, (40, 40), 1)(torch.zeros(10, 1)).shape
+        torch.Size([10, 1])
+    """
+
+    def __init__(self, in_features: int, hidden: Sequence[int] = (40, 40), out_features: Optional[int] = None) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.features = nn.Sequential(*layers)
+        self.embedding_dim = width
+        self.head = nn.Linear(width, out_features) if out_features is not None else None
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.body(x) + self.shortcut(x))
+
+
+class ResNet12(_Backbone):
+    """ResNet-12 of Oreshkin et al. (2018) / Lee et al. (2019): four residual blocks, global average pooling.
+
+    Example:
+        >>> ResNet12(channels=(8, 16, 32, 64))(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 64])
+    """
+
+    def __init__(self, in_channels: int = 3, channels: Sequence[int] = (64, 160, 320, 640),
+                 out_features: Optional[int] = None) -> None:
+        super().__init__()
+        blocks, width = [], in_channels
+        for c in channels:
+            blocks.append(_ResBlock(width, c))
+            width = c
+        self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.embedding_dim = width
+        self.head = nn.Linear(width, out_features) if out_features is not None else None
+
+
+__all__ = ["Conv4", "MLP", "ResNet12"]

@@ -1,0 +1,44 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_meta.data import TensorClassDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
+
+# the alphabets of images_background_small2 that images_background_small1 does not have
+UNSEEN_ALPHABETS = ["Japanese_(katakana)", "Sanskrit", "Tagalog"]
+
+needs_omniglot = pytest.mark.skipif(
+    not (OMNIGLOT / "images_background_small1.zip").is_file(),
+    reason=f"real Omniglot zips not found in {OMNIGLOT} (they live in the project's shared/ folder)",
+)
+
+
+def require_learn2learn():
+    """learn2learn is a peer we compare against: skip without it, except in CI where its absence is a failure."""
+    try:
+        import learn2learn  # noqa: F401
+    except Exception as err:  # ImportError, or a broken build
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"learn2learn is required in CI (make l2l installs it): {err}")
+        pytest.skip(f"learn2learn is not installed ({err}); `make l2l` builds it")
+    import learn2learn
+
+    return learn2learn
+
+
+def toy_dataset(num_classes=12, per_class=8, dim=6, seed=0, names_prefix=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_classes * per_class, dim, generator=g)
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    names = [f"{names_prefix}{i}" for i in range(num_classes)] if names_prefix else None
+    return TensorClassDataset(x, y, class_names=names)
+
+
+def episode_key(x: torch.Tensor) -> tuple:
+    """A fingerprint of an episode's inputs, to compare which episodes were drawn."""
+    return tuple(round(float(v), 5) for v in x.flatten(1).sum(1).tolist()[:8])

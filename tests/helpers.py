@@ -1,0 +1,43 @@
+"""Small shared builders for learner tests."""
+
+import lightning as L
+import torch
+
+from lightning_meta import Episode, EpisodicDataModule
+from lightning_meta.data import Sinusoid, TensorClassDataset
+
+
+def blobs(num_classes=16, per_class=12, dim=8, seed=0, spread=0.5, prefix="c"):
+    """Gaussian blobs: an easy classification source."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(num_classes, dim, generator=g) * 2
+    x = centers.repeat_interleave(per_class, 0) + spread * torch.randn(num_classes * per_class, dim, generator=g)
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    return TensorClassDataset(x, y, [f"{prefix}{seed}-{i}" for i in range(num_classes)])
+
+
+def blob_data(n_way=3, meta_batch_size=2, train_episodes=16, **kw):
+    args = dict(train=blobs(seed=0), val=blobs(seed=1), test=blobs(seed=2), n_way=n_way, n_shot=2, n_query=3,
+                meta_batch_size=meta_batch_size, train_episodes=train_episodes, val_episodes=6, test_episodes=8)
+    args.update(kw)
+    return EpisodicDataModule(**args)
+
+
+def sine_data(meta_batch_size=4, train_episodes=40, **kw):
+    args = dict(train=Sinusoid(), val=Sinusoid(), test=Sinusoid(), n_way=1, n_shot=10, n_query=10,
+                meta_batch_size=meta_batch_size, train_episodes=train_episodes, val_episodes=8, test_episodes=8)
+    args.update(kw)
+    return EpisodicDataModule(**args)
+
+
+def trainer(**kw):
+    args = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False)
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+def episode(b=2, n=3, k=2, q=3, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Episode(torch.randn(b, n * k, dim, generator=g), torch.arange(n).repeat_interleave(k).repeat(b, 1),
+                   torch.randn(b, n * q, dim, generator=g), torch.arange(n).repeat_interleave(q).repeat(b, 1))
