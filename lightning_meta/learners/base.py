@@ -118,10 +118,10 @@ class MetaLearner(L.LightningModule):
         value = per_task if regression else episode_accuracy(outputs, batch.query_y)
         b = batch.num_tasks
         name = "mse" if regression else "acc"
-        if stage == "train":
+        if stage == "train" and self._trainer is not None:
             self.log("train/loss", loss, prog_bar=True, batch_size=b)
             self.log(f"train/{name}", value.mean(), prog_bar=True, batch_size=b)
-        else:
+        elif stage != "train":
             self.metrics[f"{stage}_value"].update(value)
             self.losses[f"{stage}_loss"].update(per_task)
 

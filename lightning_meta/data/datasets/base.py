@@ -32,7 +32,7 @@ class CachedImageDataset(Dataset):
         return self.images[index].float().div_(255), int(self.labels[index])
 
     def gather(self, indices: Tensor) -> Tensor:
-        return self.images[indices].float().div_(255)
+        return self.images.index_select(0, indices).float().div_(255)
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,53 @@
+"""Run by test_ddp.py as its own command: Lightning's `ddp` launcher re-executes this file for rank 1.
+
+    python tests/ddp_run.py OUT_DIR DEVICES META_BATCH
+
+Records, per rank, the episodes each step drew, the meta-gradient after the first backward (after DDP's all-reduce)
+and the validation metrics, into OUT_DIR/rank{R}.pt.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import blob_data, sine_data  # noqa: E402
+
+from lightning_meta import MAML, ProtoNet  # noqa: E402
+from lightning_meta.models import MLP  # noqa: E402
+
+
+class Recorder(L.Callback):
+    def __init__(self):
+        self.batches, self.grads = [], None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.batches.append(batch.support_x.clone())
+
+    def on_after_backward(self, trainer, module):
+        if self.grads is None:
+            self.grads = [p.grad.clone() for p in module.backbone.parameters()]
+
+
+def run(out: Path, devices: int, meta_batch: int) -> None:
+    kw = dict(accelerator="cpu", devices=devices, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False)
+    if devices > 1:
+        kw["strategy"] = "ddp"
+    L.seed_everything(0, verbose=False)
+    maml = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, inner_steps=2, lr=1e-3)
+    rec = Recorder()
+    trainer = L.Trainer(max_steps=3, callbacks=[rec], limit_val_batches=0, **kw)
+    trainer.fit(maml, sine_data(meta_batch_size=meta_batch, train_episodes=8 * 3))
+    L.seed_everything(0, verbose=False)
+    proto = ProtoNet(MLP(8, (16,)))
+    metrics = L.Trainer(**kw).validate(proto, blob_data(val_episodes=11, meta_batch_size=2), verbose=False)[0]
+    torch.save({"batches": rec.batches, "grads": rec.grads, "metrics": metrics,
+                "final": [p.detach().clone() for p in maml.backbone.parameters()]},
+               out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

@@ -1,0 +1,52 @@
+"""Real 2-process DDP on CPU (gloo): each case launches `tests/ddp_run.py` as its own command."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for name, devices, batch in (("ddp", 2, 4), ("single", 1, 8)):
+        d = tmp_path_factory.mktemp(name)
+        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        proc = subprocess.run([sys.executable, str(HERE / "ddp_run.py"), str(d), str(devices), str(batch)],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = [torch.load(d / f"rank{r}.pt") for r in range(devices)]
+    return out
+
+
+def test_ranks_draw_distinct_episodes_and_together_the_single_process_meta_batch(runs):
+    r0, r1 = runs["ddp"]
+    (single,) = runs["single"]
+    assert len(r0["batches"]) == len(single["batches"]) == 3
+    for step in range(3):
+        union = torch.cat([r0["batches"][step], r1["batches"][step]])
+        assert torch.equal(union, single["batches"][step])
+        assert not any(torch.equal(a, b) for a in r0["batches"][step] for b in r1["batches"][step])
+
+
+def test_ddp_maml_meta_gradient_equals_the_single_process_meta_gradient(runs):
+    r0, r1 = runs["ddp"]
+    (single,) = runs["single"]
+    for a, b, c in zip(r0["grads"], r1["grads"], single["grads"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # all-reduced: identical on both ranks
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    for a, c in zip(r0["final"], single["final"]):  # and three optimizer steps later
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+def test_ddp_episode_accuracy_equals_the_single_process_result(runs):
+    r0, r1 = runs["ddp"]
+    (single,) = runs["single"]
+    for key in ("val/acc", "val/acc_ci95", "val/loss"):
+        assert r0["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6)
+        assert r1["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6)

@@ -1,0 +1,251 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import require_learn2learn
+from helpers import blob_data, episode, sine_data, trainer
+from torch.func import functional_call
+
+from lightning_meta import ANIL, MAML, Episode, MetaSGD
+from lightning_meta.functional import inner_adapt, scaled_grad
+from lightning_meta.models import MLP, Conv4
+
+
+def reference_meta_grads(net, batch, lr, steps, first_order):
+    """MAML meta-gradient in plain autograd, written from the paper (one task at a time)."""
+    names = [n for n, _ in net.named_parameters()]
+    params = list(net.parameters())
+    total = 0
+    for t in range(batch.num_tasks):
+        sx, sy, qx, qy = batch.task(t)
+        fast = params
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(net, dict(zip(names, fast)), (sx,)), sy)
+            grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
+            fast = [p - lr * g for p, g in zip(fast, grads)]
+        total = total + F.cross_entropy(functional_call(net, dict(zip(names, fast)), (qx,)), qy)
+    return torch.autograd.grad(total / batch.num_tasks, params)
+
+
+def our_meta_grads(model, batch):
+    model.train()
+    loss = model.training_step(batch, 0)
+    return torch.autograd.grad(loss, list(model.backbone.parameters()))
+
+
+def assert_grads_close(a, b, atol=1e-5):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("task_parallel", ["vmap", "loop"])
+def test_meta_gradients_equal_a_hand_written_autograd_reference(first_order, steps, task_parallel):
+    torch.manual_seed(0)
+    net = MLP(8, (16, 16), 3)
+    reference = reference_meta_grads(copy.deepcopy(net), episode(b=3), 0.3, steps, first_order)
+    model = MAML(net, inner_lr=0.3, inner_steps=steps, first_order=first_order, task_parallel=task_parallel)
+    assert_grads_close(our_meta_grads(model, episode(b=3)), reference)
+
+
+def test_second_order_differs_from_first_order():
+    torch.manual_seed(0)
+    net = MLP(8, (16,), 3)
+    second = our_meta_grads(MAML(copy.deepcopy(net), inner_lr=0.5, inner_steps=2), episode())
+    first = our_meta_grads(MAML(copy.deepcopy(net), inner_lr=0.5, inner_steps=2, first_order=True), episode())
+    assert max((a - b).abs().max().item() for a, b in zip(second, first)) > 1e-4
+
+
+def test_conv_backbone_with_batch_norm_matches_the_reference_with_per_task_batch_statistics():
+    torch.manual_seed(0)
+    net = Conv4(hidden=4, out_features=3)
+    ep = Episode(torch.randn(2, 6, 1, 28, 28), torch.arange(3).repeat(2, 2), torch.randn(2, 9, 1, 28, 28),
+                 torch.arange(3).repeat(2, 3))
+    ref_net = copy.deepcopy(net).train()  # running stats on, train mode: BN normalises with batch statistics
+    reference = reference_meta_grads(ref_net, ep, 0.4, 1, False)
+    model = MAML(net, inner_lr=0.4, inner_steps=1)
+    assert all(m.running_mean is None for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert_grads_close(our_meta_grads(model, ep), reference)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_meta_gradients_equal_learn2learn(first_order, steps):
+    l2l = require_learn2learn()
+    torch.manual_seed(0)
+    net = MLP(8, (16, 16), 3)
+    ep = episode(b=3)
+    theirs = l2l.algorithms.MAML(copy.deepcopy(net), lr=0.3, first_order=first_order)
+    total = 0
+    for t in range(ep.num_tasks):
+        sx, sy, qx, qy = ep.task(t)
+        learner = theirs.clone()
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(sx), sy))
+        total = total + F.cross_entropy(learner(qx), qy)
+    (total / ep.num_tasks).backward()
+    model = MAML(net, inner_lr=0.3, inner_steps=steps, first_order=first_order)
+    assert_grads_close(our_meta_grads(model, ep), [p.grad for p in theirs.module.parameters()])
+
+
+def test_inner_loop_never_touches_grad_and_each_parameter_accumulates_once():
+    model = MAML(MLP(8, (16,), 3), inner_lr=0.3, inner_steps=3)
+    counts = {}
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _, n=name: counts.__setitem__(n, counts.get(n, 0) + 1))
+    loss = model.training_step(episode(), 0)
+    assert all(p.grad is None for p in model.parameters()) and not counts
+    loss.backward()
+    assert counts == {name: 1 for name, _ in model.named_parameters()}
+
+
+def test_validation_and_test_adapt_with_gradients_under_default_inference_mode():
+    model = MAML(MLP(8, (16,), 3), inner_lr=0.5, inner_steps=1, eval_inner_steps=3)
+    t = trainer(max_epochs=2)
+    assert t.test_loop.inference_mode and t.validate_loop.inference_mode  # Lightning's default: evaluation runs under torch.inference_mode
+    dm = blob_data(train_episodes=20)
+    t.fit(model, dm)
+    assert "val/acc" in t.callback_metrics
+    res = t.test(model, dm, verbose=False)[0]
+    assert res["test/acc"] > 0.5
+    # evaluation really adapts: the adapted outputs differ from the unadapted network's
+    batch = next(iter(dm.test_dataloader()))
+    model.eval()
+    with torch.inference_mode():
+        adapted = model(batch)
+        plain = model.backbone(batch.query_x.flatten(0, 1)).view_as(adapted)
+    assert not adapted.requires_grad and (adapted - plain).abs().max() > 1e-3
+
+
+def test_adapt_predictor_improves_on_the_support_set():
+    torch.manual_seed(0)
+    model = MAML(MLP(8, (16,), 3), inner_lr=0.5, inner_steps=1, eval_inner_steps=10)
+    ep = episode(b=1)
+    before = F.cross_entropy(model.backbone(ep.support_x[0]), ep.support_y[0])
+    predictor = model.adapt(ep.support_x[0], ep.support_y[0])
+    after = F.cross_entropy(predictor(ep.support_x[0]), ep.support_y[0])
+    assert after < 0.5 * before
+
+
+def test_vmap_and_loop_give_the_same_outputs_and_tasks_do_not_leak_into_each_other():
+    torch.manual_seed(0)
+    net = MLP(8, (16,), 3)
+    ep = episode(b=4)
+    a = MAML(copy.deepcopy(net), inner_lr=0.3, task_parallel="vmap")(ep)
+    b = MAML(copy.deepcopy(net), inner_lr=0.3, task_parallel="loop")(ep)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    alone = MAML(copy.deepcopy(net), inner_lr=0.3)(Episode(*(t[:1] for t in ep)))
+    torch.testing.assert_close(a[:1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_vmap_without_convolutions_and_a_loop_with_them():
+    assert MAML(MLP(1, (40, 40), 1), inner_lr=0.01).use_vmap
+    assert not MAML(Conv4(out_features=5), inner_lr=0.4).use_vmap
+    assert MAML(Conv4(out_features=5), inner_lr=0.4, task_parallel="vmap").use_vmap
+    assert ANIL(Conv4(out_features=5), inner_lr=0.4).use_vmap  # only the linear head is adapted
+
+
+def test_bf16_inner_loop_meta_gradients_agree_with_float32():
+    torch.manual_seed(0)
+    model = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, inner_steps=2)
+    dm = sine_data(meta_batch_size=25)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    full = torch.cat([g.flatten() for g in our_meta_grads(model, batch)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = torch.cat([g.flatten() for g in our_meta_grads(model, batch)])
+    assert half.dtype == torch.float32 and F.cosine_similarity(full, half, dim=0) > 0.99
+
+
+def test_sinusoid_regression_converges_in_bf16_mixed_precision():
+    torch.manual_seed(0)
+    model = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, inner_steps=1, lr=3e-3)
+    dm = sine_data(meta_batch_size=25, train_episodes=25 * 300, test_episodes=100)
+    before = trainer().test(model, dm, verbose=False)[0]["test/mse"]
+    t = trainer(max_epochs=1, precision="bf16-mixed", limit_val_batches=0)
+    t.fit(model, dm)
+    after = t.test(model, dm, verbose=False)[0]["test/mse"]
+    assert after < 0.6 * before
+
+
+def test_loss_scaling_keeps_small_float16_inner_gradients_from_underflowing():
+    w = {"w": torch.ones(4, dtype=torch.float16)}
+    x = torch.full((4,), 1e-4, dtype=torch.float16)
+
+    def loss(p):  # gradient 1e-4 * 1e-4 = 1e-8, below float16's smallest subnormal (6e-8)
+        return (p["w"] * x).sum() * 1e-4
+
+    unscaled, _ = scaled_grad(loss, w)
+    scaled, _ = scaled_grad(loss, w, scale=1024.0)
+    assert unscaled["w"].abs().max() == 0
+    torch.testing.assert_close(scaled["w"], torch.full((4,), 1e-8), rtol=0.05, atol=0)
+    # and through the inner loop: the adapted weights move only when the loss is scaled
+    fwd = lambda p, xs: (p["w"] * xs).sum(-1, keepdim=True) * 1e-4  # noqa: E731
+    sx, sy = x.expand(3, 4), torch.ones(3, dtype=torch.float16)
+    moved = [inner_adapt(fwd, w, sx, sy, 1, lambda s: {"w": 1e6}, True, scale)[0][-1]["w"] for scale in (1.0, 1024.0)]
+    assert torch.equal(moved[0], w["w"]) and (moved[1] != w["w"]).all()
+
+
+def test_maml_uses_float16_loss_scale_automatically_only_under_16_bit_precision():
+    model = MAML(MLP(1, (4,), 1), inner_lr=0.01)
+    assert model._loss_scale() == 1.0
+    assert MAML(MLP(1, (4,), 1), inner_lr=0.01, inner_loss_scale=256.0)._loss_scale() == 256.0
+
+
+def test_non_finite_inner_loss_names_the_step_and_task():
+    model = MAML(MLP(8, (16,), 3), inner_lr=1e30, inner_steps=3)
+    with pytest.raises(FloatingPointError, match=r"non-finite at inner step \d of task \d in the meta-batch"):
+        model.training_step(episode(), 0)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"inner_lr": 0.0}, r"Expected `inner_lr` to be a positive number, > 0, but got 0.0"),
+    ({"inner_lr": -1}, r"Expected `inner_lr` to be a positive number"),
+    ({"inner_steps": 0}, r"Expected `inner_steps` to be an integer >= 1, but got 0"),
+    ({"inner_steps": 1.5}, r"Expected `inner_steps` to be an integer >= 1, but got 1.5"),
+    ({"eval_inner_steps": 0}, r"Expected `eval_inner_steps` to be an integer >= 1"),
+    ({"task_parallel": "threads"}, r"Expected `task_parallel` to be one of"),
+])
+def test_invalid_inner_loop_settings_are_rejected_at_construction(kwargs, message):
+    args = {"inner_lr": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        MAML(MLP(8, (4,), 3), **args)
+
+
+def test_anil_adapts_only_the_head_and_runs_the_body_once_per_meta_batch():
+    net = MLP(8, (16,), 3)
+    calls = []
+    net.features.register_forward_hook(lambda *a: calls.append(1))
+    model = ANIL(net, inner_lr=0.5, inner_steps=3)
+    assert model._adapted_names == ["weight", "bias"]
+    loss = model.training_step(episode(b=4), 0)
+    assert len(calls) == 1
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    assert all(g.abs().sum() > 0 for g in grads)  # the body still learns through the adapted head
+    with pytest.raises(ValueError, match="ANIL adapts only the head"):
+        ANIL(torch.nn.Linear(8, 3), inner_lr=0.1)
+
+
+def test_metasgd_learns_a_rate_per_parameter_element():
+    model = MetaSGD(MLP(8, (16,), 3), inner_lr=0.2)
+    assert model.inner_lrs["head__weight"].shape == (3, 16)
+    loss = model.training_step(episode(), 0)
+    g = torch.autograd.grad(loss, list(model.inner_lrs.values()))
+    assert all(x.abs().sum() > 0 for x in g)
+
+
+def test_maml_plus_plus_per_step_rates_multi_step_loss_and_order_annealing():
+    model = MAML(MLP(8, (16,), 3), inner_lr=0.2, inner_steps=3, per_step_lr=True, multi_step_loss=True,
+                 msl_epochs=4, first_order_epochs=1)
+    assert model.inner_lrs["head__weight"].shape == (3,)
+    w0 = model.msl_weights()
+    torch.testing.assert_close(w0, torch.full((3,), 1 / 3))
+    t = trainer(max_epochs=3, limit_val_batches=1)
+    t.fit(model, blob_data())
+    w = model.msl_weights()
+    assert w.sum().item() == pytest.approx(1.0) and w[-1] > w[0]
+    assert not model._first_order_now()  # epoch 3 >= first_order_epochs
+    assert model.inner_lrs["head__weight"].ne(0.2).any()  # the per-step rates were learned
