@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import OMNIGLOT, UNSEEN_ALPHABETS, episode_key, needs_omniglot, toy_dataset
 from PIL import Image
 
+from conftest import OMNIGLOT, UNSEEN_ALPHABETS, episode_key, needs_omniglot, toy_dataset
 from lightning_meta import Episode, EpisodicDataModule
 from lightning_meta.data import ClassFolder, MiniImageNet, Omniglot, Sinusoid, SyntheticGlyphs, TensorClassDataset
 from lightning_meta.data.sampler import ClassEpisodeSampler

@@ -95,7 +95,8 @@ def test_float16_mixed_precision_on_cpu_is_replaced_by_bf16_with_a_clear_warning
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (lambda e: Episode(e.support_x, e.support_y, e.query_x, e.query_y + 5), r"query label \(7\) is outside the support labels 0..2"),
+        (lambda e: Episode(e.support_x, e.support_y, e.query_x, e.query_y + 5),
+         r"query label \(7\) is outside the support labels 0..2"),
         (lambda e: Episode(e.support_x[:, :0], e.support_y[:, :0], e.query_x, e.query_y), "support set is empty"),
         (lambda e: Episode(e.support_x, e.support_y - 1, e.query_x, e.query_y), "labels must be 0..N-1, but found label -1"),
         (lambda e: Episode(e.support_x[0], e.support_y[0], e.query_x[0], e.query_y[0]), r"with a meta-batch dimension"),

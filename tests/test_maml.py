@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require_learn2learn
 from helpers import blob_data, episode, sine_data, trainer
 from torch.func import functional_call
 
+from conftest import require_learn2learn
 from lightning_meta import ANIL, MAML, Episode, MetaSGD
 from lightning_meta.functional import inner_adapt, scaled_grad
 from lightning_meta.models import MLP, Conv4
@@ -105,7 +105,8 @@ def test_inner_loop_never_touches_grad_and_each_parameter_accumulates_once():
 def test_validation_and_test_adapt_with_gradients_under_default_inference_mode():
     model = MAML(MLP(8, (16,), 3), inner_lr=0.5, inner_steps=1, eval_inner_steps=3)
     t = trainer(max_epochs=2)
-    assert t.test_loop.inference_mode and t.validate_loop.inference_mode  # Lightning's default: evaluation runs under torch.inference_mode
+    # Lightning's default: evaluation runs under torch.inference_mode
+    assert t.test_loop.inference_mode and t.validate_loop.inference_mode
     dm = blob_data(train_episodes=20)
     t.fit(model, dm)
     assert "val/acc" in t.callback_metrics

@@ -169,8 +169,9 @@ class EpisodicDataModule(L.LightningDataModule):
             )
         is_tasks = callable(getattr(source, "sample", None)) and not hasattr(source, "__getitem__")
         if not is_tasks and way < 2:
+            arg = "train_way" if name == "train" and self.hparams.train_way else "n_way"
             raise ValueError(
-                f"Expected `{'train_way' if name == 'train' and self.hparams.train_way else 'n_way'}` to be an integer >= 2 for the "
+                f"Expected `{arg}` to be an integer >= 2 for the "
                 f"classification {name} dataset, but got {way}."
             )
         if name == "train" and self.train_episodes_per_step > self.episodes["train"]:

@@ -81,7 +81,9 @@ def inner_adapt(
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}
         rates = learning_rates(step)
-        params = {k: p - rates[k] * grads[k].to(p.dtype) for k, p in params.items()}
+        # step in the gradient's precision (float32 after unscaling), then back to the parameter's dtype: casting a
+        # tiny unscaled gradient to float16 first would underflow it again
+        params = {k: (p - rates[k] * grads[k]).to(p.dtype) for k, p in params.items()}
         trajectory.append(params)
         losses.append(loss.float())
         finite.append(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
