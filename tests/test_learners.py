@@ -2,7 +2,7 @@ import pytest
 import torch
 from helpers import blob_data, episode, trainer
 
-from lightning_meta import MAML, AttentionLearner, Episode, EpisodeAccuracy, ProtoNet
+from lightning_meta import MAML, AttentionLearner, Episode, EpisodeAccuracy, EpisodicDataModule, ProtoNet
 from lightning_meta.functional import class_prototypes
 from lightning_meta.metrics import EpisodeMean
 from lightning_meta.models import MLP, Conv4, ResNet12
@@ -55,8 +55,7 @@ def test_adapt_returns_a_predictor_for_one_new_task():
 
 def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
     model = ProtoNet(Conv4(hidden=8), lr=1e-3)
-    dm = blob_data()
-    dm = type(dm)(train=_images(0), val=_images(1), n_way=3, n_shot=1, n_query=2, meta_batch_size=2,
+    dm = EpisodicDataModule(train=_images(0), val=_images(1), n_way=3, n_shot=1, n_query=2, meta_batch_size=2,
                   train_episodes=4, val_episodes=2)
     t = trainer(max_epochs=1, default_root_dir=tmp_path)
     t.fit(model, dm)

@@ -203,7 +203,7 @@ def test_non_finite_inner_loss_names_the_step_and_task():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"inner_lr": 0.0}, r"Expected `inner_lr` to be a positive number, > 0, but got 0.0"),
+    ({"inner_lr": 0.0}, r"Expected `inner_lr` to be a positive number, but got 0.0"),
     ({"inner_lr": -1}, r"Expected `inner_lr` to be a positive number"),
     ({"inner_steps": 0}, r"Expected `inner_steps` to be an integer >= 1, but got 0"),
     ({"inner_steps": 1.5}, r"Expected `inner_steps` to be an integer >= 1, but got 1.5"),

@@ -8,16 +8,12 @@ from typing import Any, Optional, Union
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from lightning_meta._checks import check_int
 from lightning_meta.data.episode import Episode
-from lightning_meta.data.sampler import make_sampler
+from lightning_meta.data.sampler import is_task_distribution, make_sampler
 from lightning_meta.data.tasks import TaskDistribution
 
 Source = Union[Dataset, TaskDistribution]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Expected `{name}` to be an integer >= {minimum}, but got {value!r}.")
 
 
 class _EpisodeStream(IterableDataset):
@@ -120,10 +116,10 @@ class EpisodicDataModule(L.LightningDataModule):
             ("n_way", 1), ("n_shot", 1), ("n_query", 1), ("meta_batch_size", 1), ("train_episodes", 1),
             ("val_episodes", 1), ("test_episodes", 1), ("seed", 0), ("num_workers", 0),
         ):  # fmt: skip
-            _check_int(name, locals()[name], minimum)
+            check_int(name, locals()[name], minimum)
         for name in ("train_way", "train_shot", "train_query", "eval_meta_batch_size"):
             if locals()[name] is not None:
-                _check_int(name, locals()[name], 1)
+                check_int(name, locals()[name], 1)
         if train is None and val is None and test is None:
             raise ValueError("EpisodicDataModule needs at least one of `train`, `val` or `test`; all three are None.")
         self.train, self.val, self.test = train, val, test
@@ -167,8 +163,7 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"`{name}` must be a map-style dataset of (x, label) items or a task distribution with "
                 f"`sample(rng, n_support, n_query)`, but got {type(source).__name__}."
             )
-        is_tasks = callable(getattr(source, "sample", None)) and not hasattr(source, "__getitem__")
-        if not is_tasks and way < 2:
+        if not is_task_distribution(source) and way < 2:
             arg = "train_way" if name == "train" and self.hparams.train_way else "n_way"
             raise ValueError(
                 f"Expected `{arg}` to be an integer >= 2 for the "

@@ -164,8 +164,13 @@ class TaskEpisodeSampler:
         return self.batch(stream, epoch, [index]).task(0)
 
 
+def is_task_distribution(source) -> bool:
+    """A source that generates tasks (``sample(rng, n_support, n_query)``) rather than serving labelled items."""
+    return callable(getattr(source, "sample", None)) and not hasattr(source, "__getitem__")
+
+
 def make_sampler(source, n_way: int, n_shot: int, n_query: int, seed: int, name: str):
-    """The sampler for a labelled dataset or a task distribution (anything with ``sample(rng, n_support, n_query)``)."""
-    if callable(getattr(source, "sample", None)) and not hasattr(source, "__getitem__"):
+    """The sampler for a labelled dataset or a task distribution."""
+    if is_task_distribution(source):
         return TaskEpisodeSampler(source, n_way, n_shot, n_query, seed, name)
     return ClassEpisodeSampler(source, n_way, n_shot, n_query, seed, name)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_meta._checks import check_int
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional import class_prototypes
 from lightning_meta.learners.base import MetaLearner, TaskPredictor
@@ -85,8 +86,7 @@ class AttentionLearner(MetaLearner):
     ) -> None:
         super().__init__(lr, weight_decay, optimizer, lr_scheduler, lr_step_epochs, lr_gamma, nonfinite)
         for name, value, minimum in (("max_way", max_way, 2), ("dim", dim, 1), ("depth", depth, 1), ("heads", heads, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"Expected `{name}` to be an integer >= {minimum}, but got {value!r}.")
+            check_int(name, value, minimum)
         if dim % heads:
             raise ValueError(f"Expected `dim` ({dim}) to be divisible by `heads` ({heads}).")
         embedding_dim = embedding_dim or getattr(backbone, "embedding_dim", None)
@@ -151,13 +151,9 @@ class AttentionLearner(MetaLearner):
         batch, n_way = self._single_task(support_x, support_y)
 
         def predict(query_x: Tensor) -> Tensor:
-            was = self.training
-            self.eval()
-            with torch.no_grad():
+            with self.evaluating():
                 qx = query_x.to(batch.support_x.device)[None]
                 qy = torch.zeros(qx.shape[:2], dtype=batch.support_y.dtype, device=qx.device)
-                out = self.forward_episode(Episode(batch.support_x, batch.support_y, qx, qy))[0]
-            self.train(was)
-            return out
+                return self.forward_episode(Episode(batch.support_x, batch.support_y, qx, qy))[0]
 
         return TaskPredictor(self, predict, n_way)

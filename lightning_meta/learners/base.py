@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import lightning as L
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_meta._checks import check_positive
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional.episode import episode_accuracy, per_task_loss
 from lightning_meta.metrics import EpisodeMean
@@ -58,8 +60,7 @@ class MetaLearner(L.LightningModule):
         nonfinite: str = "raise",
     ) -> None:
         super().__init__()
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"Expected `lr` to be a positive number, but got {lr!r}.")
+        check_positive("lr", lr)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"Expected `optimizer` to be one of {sorted(OPTIMIZERS)}, but got {optimizer!r}.")
         if lr_scheduler not in SCHEDULERS:
@@ -118,12 +119,12 @@ class MetaLearner(L.LightningModule):
         value = per_task if regression else episode_accuracy(outputs, batch.query_y)
         b = batch.num_tasks
         name = "mse" if regression else "acc"
-        if stage == "train" and self._trainer is not None:
-            self.log("train/loss", loss, prog_bar=True, batch_size=b)
-            self.log(f"train/{name}", value.mean(), prog_bar=True, batch_size=b)
-        elif stage != "train":
+        if stage != "train":
             self.metrics[f"{stage}_value"].update(value)
             self.losses[f"{stage}_loss"].update(per_task)
+        elif self._trainer is not None:  # a bare training_step call (tests, notebooks) has nowhere to log
+            self.log("train/loss", loss, prog_bar=True, batch_size=b)
+            self.log(f"train/{name}", value.mean(), prog_bar=True, batch_size=b)
 
     def _log_epoch(self, stage: str) -> None:
         if self.metrics[f"{stage}_value"].update_count == 0 and self._regression is None:
@@ -175,6 +176,17 @@ class MetaLearner(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ single-task helpers
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Evaluation mode without gradients for the duration, then the previous mode again."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
     def _single_task(self, support_x: Tensor, support_y: Tensor) -> tuple[Episode, int]:
         """Check one task's support set and return it as a meta-batch of one, with its number of ways."""
         support_x, support_y = torch.as_tensor(support_x), torch.as_tensor(support_y)

@@ -10,19 +10,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_meta._checks import check_int, check_positive
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional.episode import per_task_loss
 from lightning_meta.functional.inner_loop import inner_adapt
 from lightning_meta.learners.base import MetaLearner, TaskPredictor
 
 TASK_PARALLEL = ("auto", "vmap", "loop")
-
-
-def _check(name: str, value, minimum, kind=int) -> None:
-    ok = isinstance(value, kind) and not isinstance(value, bool) and value >= minimum
-    if not ok or (kind is float and not value > 0):
-        what = "an integer >=" if kind is int else "a positive number, >"
-        raise ValueError(f"Expected `{name}` to be {what} {minimum}, but got {value!r}.")
 
 
 def _disable_running_stats(module: nn.Module) -> None:
@@ -101,17 +95,16 @@ class MAML(MetaLearner):
         super().__init__(lr, weight_decay, optimizer, lr_scheduler, lr_step_epochs, lr_gamma, nonfinite)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"Expected `backbone` to be an nn.Module, but got {type(backbone).__name__}.")
-        _check("inner_lr", float(inner_lr) if isinstance(inner_lr, int) and not isinstance(inner_lr, bool)
-               else inner_lr, 0, float)
-        _check("inner_steps", inner_steps, 1)
+        check_positive("inner_lr", inner_lr)
+        check_int("inner_steps", inner_steps, 1)
         eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
-        _check("eval_inner_steps", eval_inner_steps, 1)
-        _check("msl_epochs", msl_epochs, 1)
-        _check("first_order_epochs", first_order_epochs, 0)
+        check_int("eval_inner_steps", eval_inner_steps, 1)
+        check_int("msl_epochs", msl_epochs, 1)
+        check_int("first_order_epochs", first_order_epochs, 0)
         if task_parallel not in TASK_PARALLEL:
             raise ValueError(f"Expected `task_parallel` to be one of {TASK_PARALLEL}, but got {task_parallel!r}.")
         if inner_loss_scale is not None:
-            _check("inner_loss_scale", float(inner_loss_scale), 0, float)
+            check_positive("inner_loss_scale", inner_loss_scale)
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         _disable_running_stats(backbone)
@@ -149,7 +142,7 @@ class MAML(MetaLearner):
         return x
 
     # ------------------------------------------------------------------ inner loop
-    def _rates(self, step: int):
+    def _rates(self):
         if self._fixed_lr is not None:
             return lambda s: dict.fromkeys(self._adapted_names, self._fixed_lr)
         def rates(s: int):
@@ -177,7 +170,7 @@ class MAML(MetaLearner):
         finite gradients [B, steps])`` with T = steps when ``all_steps`` else 1."""
         module = self._adapted_module()
         params = {n: p for n, p in module.named_parameters() if n in self._adapted_names}
-        rates, scale = self._rates(steps), self._loss_scale()
+        rates, scale = self._rates(), self._loss_scale()
 
         def forward(p, x):
             return functional_call(module, p, (x,))
@@ -272,7 +265,7 @@ class MAML(MetaLearner):
             sx = self.encode(batch.support_x.clone())[0].detach()
             trajectory, losses, finite = inner_adapt(
                 lambda p, x: functional_call(module, p, (x,)), params, sx, batch.support_y[0].clone(),
-                self.eval_inner_steps, self._rates(self.eval_inner_steps), True, self._loss_scale(),
+                self.eval_inner_steps, self._rates(), True, self._loss_scale(),
             )
         self._raise_nonfinite(losses[None].detach(), finite[None])
         adapted = {k: v.detach() for k, v in trajectory[-1].items()}

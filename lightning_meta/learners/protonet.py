@@ -90,18 +90,11 @@ class ProtoNet(MetaLearner):
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskPredictor:
         batch, n_way = self._single_task(support_x, support_y)
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
+        with self.evaluating():
             prototypes = class_prototypes(self.embed(batch.support_x[0]), batch.support_y[0], n_way)
-        self.train(was_training)
 
         def predict(query_x: Tensor) -> Tensor:
-            was = self.training
-            self.eval()
-            with torch.no_grad():
-                out = self.logits(self.embed(query_x.to(prototypes.device)), prototypes)
-            self.train(was)
-            return out
+            with self.evaluating():
+                return self.logits(self.embed(query_x.to(prototypes.device)), prototypes)
 
         return TaskPredictor(self, predict, n_way)

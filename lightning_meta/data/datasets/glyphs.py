@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from lightning_meta._checks import check_int
 from lightning_meta.data.datasets.base import CachedImageDataset
 
 SPLIT_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}
@@ -47,8 +48,7 @@ class SyntheticGlyphs(CachedImageDataset):
         num_classes = DEFAULT_CLASSES[split] if num_classes is None else num_classes
         for name, value in (("num_classes", num_classes), ("samples_per_class", samples_per_class),
                             ("image_size", image_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
+            check_int(name, value, 1)
         self.split, self.seed = split, seed
         ids = [SPLIT_OFFSET[split] + c for c in range(num_classes)]
         images = np.empty((num_classes * samples_per_class, 1, image_size, image_size), dtype=np.uint8)
