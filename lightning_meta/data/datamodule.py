@@ -48,16 +48,26 @@ class _EpisodeStream(IterableDataset):
 
 
 class _EpisodeLoader(DataLoader):
-    """A DataLoader that asks its data module for the epoch and resume position each time it is iterated."""
+    """A DataLoader over an episode stream. The training loader belongs to its data module: each time it is iterated it
+    asks the module for the epoch and resume position, and its ``state_dict`` is the module's, so Lightning sees a
+    resumable loader (one source of truth for the position: the data module)."""
 
-    def __init__(self, stream: _EpisodeStream, num_workers: int, pin_memory: bool, before_iter=None) -> None:
+    def __init__(self, stream: _EpisodeStream, num_workers: int, pin_memory: bool,
+                 owner: Optional[EpisodicDataModule] = None) -> None:
         super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
-        self._before_iter = before_iter
+        self._owner = owner
 
     def __iter__(self):
-        if self._before_iter is not None:
-            self._before_iter(self.dataset)
+        if self._owner is not None:
+            self._owner._before_train_iter(self.dataset)
         return super().__iter__()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._owner.state_dict() if self._owner is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._owner is not None and state_dict:
+            self._owner.load_state_dict(state_dict)
 
 
 class EpisodicDataModule(L.LightningDataModule):
@@ -215,8 +225,7 @@ class EpisodicDataModule(L.LightningDataModule):
         batch = self.meta_batch_size if stream == "train" else self.eval_meta_batch_size
         episodes = self.episodes[stream]
         stream_ds = _EpisodeStream(self.samplers[stream], stream, episodes, batch, world, rank)
-        hook = self._before_train_iter if stream == "train" else None
-        return _EpisodeLoader(stream_ds, self.num_workers, self.pin_memory, hook)
+        return _EpisodeLoader(stream_ds, self.num_workers, self.pin_memory, self if stream == "train" else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -21,8 +21,14 @@ STREAMS = {"train": 0, "val": 1, "test": 2, "predict": 3}
 
 
 def episode_rng(seed: int, stream: str, epoch: int, index: int) -> np.random.Generator:
-    """The random generator of one episode: a pure function of its coordinates."""
-    return np.random.default_rng([int(seed), STREAMS[stream], int(epoch), int(index)])
+    """The random generator of one episode: a pure function of its coordinates.
+
+    A counter-based Philox generator keyed by the seed, whose counter starts at ``(0, epoch, stream, index)``: drawing
+    only advances the lowest counter word, so two episodes' streams never overlap, and creating one is cheap.
+    """
+    seed = int(seed)
+    key = [seed & 0xFFFFFFFFFFFFFFFF, (seed >> 64) & 0xFFFFFFFFFFFFFFFF]
+    return np.random.Generator(np.random.Philox(key=key, counter=[0, int(epoch), STREAMS[stream], int(index)]))
 
 
 def labels_of(dataset) -> Tensor:
@@ -120,27 +126,36 @@ class ClassEpisodeSampler:
         self._support_y = torch.arange(n_way).repeat_interleave(n_shot)
         self._query_y = torch.arange(n_way).repeat_interleave(n_query)
 
-    def indices(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Item indices of one episode's support ``[N*K]`` and query ``[N*Q]``, class by class."""
-        rows = rng.choice(len(self.counts), size=self.n_way, replace=False)
-        counts = self.counts[rows]
-        keys = rng.random((self.n_way, self.table.shape[1]))
-        keys[np.arange(self.table.shape[1])[None, :] >= counts[:, None]] = 2.0  # padding sorts last
-        picks = np.take_along_axis(self.table[rows], np.argsort(keys, axis=1)[:, : self.n_shot + self.n_query], axis=1)
-        return picks[:, : self.n_shot].reshape(-1), picks[:, self.n_shot :].reshape(-1)
+    def picks(self, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+        """Item indices ``[B, N, K+Q]`` of a meta-batch, one generator per episode, drawn for all episodes at once.
+
+        Each episode draws uniform keys: the N classes with the smallest keys, in key order, are its classes
+        ``0..N-1``; within a class, the items with the smallest keys are its K support and Q query items.
+        """
+        n_classes, width = self.table.shape
+        n, need = self.n_way, self.n_shot + self.n_query
+        keys = np.stack([rng.random(n_classes + n * width) for rng in rngs])  # [B, C + N*W]
+        class_keys = keys[:, :n_classes]
+        rows = np.argpartition(class_keys, n - 1, axis=1)[:, :n] if n < n_classes else np.tile(
+            np.arange(n_classes), (len(rngs), 1))
+        rows = np.take_along_axis(rows, np.argsort(np.take_along_axis(class_keys, rows, 1), axis=1), 1)  # [B, N]
+        item_keys = keys[:, n_classes:].reshape(len(rngs), n, width)
+        item_keys[np.arange(width) >= self.counts[rows][..., None]] = 2.0  # padding sorts last
+        order = np.argsort(item_keys, axis=2)[..., :need]
+        return np.take_along_axis(self.table[rows], order, axis=2)  # [B, N, K+Q]
 
     def episode(self, stream: str, epoch: int, index: int) -> Episode:
         return self.batch(stream, epoch, [index]).task(0)
 
     def batch(self, stream: str, epoch: int, indices: Sequence[int]) -> Episode:
         """The meta-batch of the episodes at ``indices``, with one gather for all of its items."""
-        s_idx, q_idx = zip(*(self.indices(episode_rng(self.seed, stream, epoch, i)) for i in indices))
-        b = len(indices)
-        flat = torch.from_numpy(np.concatenate(s_idx + q_idx))
+        picks = self.picks([episode_rng(self.seed, stream, epoch, i) for i in indices])
+        b, k = len(indices), self.n_shot
+        flat = torch.from_numpy(np.concatenate([picks[..., :k].reshape(-1), picks[..., k:].reshape(-1)]))
         x = gather(self.dataset, flat)
-        n_s = self.n_way * self.n_shot
-        support_x = x[: b * n_s].reshape(b, n_s, *x.shape[1:])
-        query_x = x[b * n_s :].reshape(b, -1, *x.shape[1:])
+        n_s = self.n_way * k
+        support_x = x[: b * n_s].view(b, n_s, *x.shape[1:])
+        query_x = x[b * n_s :].view(b, -1, *x.shape[1:])
         return Episode(support_x, self._support_y.expand(b, -1), query_x, self._query_y.expand(b, -1))
 
 
