@@ -3,6 +3,7 @@ the alphabets of images_background_small2 that small1 lacks (Japanese (katakana)
 each of 5-way 1-shot and 20-way 1-shot, with 95% intervals and the CPU time of training.
 
     python benchmarks/omniglot_accuracy.py --learner protonet --minutes 8
+    python benchmarks/omniglot_accuracy.py --learner protonet --steps 1500 --lr 3e-3   # cosine decay over 1500 steps
     python benchmarks/omniglot_accuracy.py --learner attention --minutes 10
     python benchmarks/omniglot_accuracy.py --learner maml --minutes 10
 """
@@ -36,6 +37,9 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=8.0, help="wall-clock training budget")
     p.add_argument("--root", default=str(ROOT))
     p.add_argument("--test-episodes", type=int, default=600)
+    p.add_argument("--lr", type=float, default=None, help="outer learning rate (default: the learner's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train for this many meta-steps with cosine decay instead of a time budget")
     args = p.parse_args()
     L.seed_everything(0, verbose=False)
     rot = (0, 90, 180, 270)
@@ -50,10 +54,15 @@ def main() -> None:
     else:
         model = MAML(Conv4(out_features=5), inner_lr=0.4, inner_steps=1, eval_inner_steps=3, lr=1e-3)
         way, shot, query, batch = 5, 1, 15, 16
+    if args.lr is not None:
+        model.hparams.lr = args.lr
+    if args.steps:
+        model.hparams.lr_scheduler = "cosine"
     dm = EpisodicDataModule(train, val, None, n_way=5, n_shot=1, n_query=15, train_way=way, train_shot=shot,
                             train_query=query, meta_batch_size=batch, train_episodes=200 * batch, val_episodes=100,
                             seed=0)
-    trainer = L.Trainer(max_time={"minutes": args.minutes}, max_epochs=10_000, logger=False,
+    budget = {"max_steps": args.steps} if args.steps else {"max_time": {"minutes": args.minutes}}
+    trainer = L.Trainer(**budget, max_epochs=10_000, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     wall, cpu = time.perf_counter(), cpu_seconds()
     trainer.fit(model, dm)

@@ -165,3 +165,15 @@ def test_cosine_schedule_and_sgd_configure():
     t = trainer(max_epochs=1, limit_val_batches=0)
     t.fit(model, blob_data())
     assert t.optimizers[0].param_groups[0]["lr"] < 0.1
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_epochs=3), dict(max_epochs=3, max_steps=5),
+                                    dict(max_epochs=2, limit_train_batches=0.5),
+                                    dict(max_epochs=2, limit_train_batches=3, accumulate_grad_batches=2)])
+def test_cosine_schedule_length_equals_lightnings_estimate_without_iterating_the_loader_early(kwargs):
+    # Lightning's estimated_stepping_batches iterates the training loader before a checkpoint is restored; the
+    # learner computes the same number arithmetically so a resumed run starts at its saved episode
+    model = ProtoNet(MLP(8, (16,)), lr_scheduler="cosine")
+    t = trainer(limit_val_batches=0, **kwargs)
+    t.fit(model, blob_data(train_episodes=16))
+    assert model._total_steps() == t.estimated_stepping_batches

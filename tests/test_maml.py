@@ -216,14 +216,14 @@ def test_invalid_inner_loop_settings_are_rejected_at_construction(kwargs, messag
         MAML(MLP(8, (4,), 3), **args)
 
 
-def test_anil_adapts_only_the_head_and_runs_the_body_once_per_meta_batch():
+def test_anil_adapts_only_the_head_and_runs_the_body_once_per_task_outside_the_inner_loop():
     net = MLP(8, (16,), 3)
     calls = []
     net.features.register_forward_hook(lambda *a: calls.append(1))
     model = ANIL(net, inner_lr=0.5, inner_steps=3)
     assert model._adapted_names == ["weight", "bias"]
     loss = model.training_step(episode(b=4), 0)
-    assert len(calls) == 1
+    assert len(calls) == 4  # one body call per task, none in the 3 inner steps
     grads = torch.autograd.grad(loss, list(net.parameters()))
     assert all(g.abs().sum() > 0 for g in grads)  # the body still learns through the adapted head
     with pytest.raises(ValueError, match="ANIL adapts only the head"):

@@ -216,6 +216,10 @@ class EpisodicDataModule(L.LightningDataModule):
         """The global meta-batch: tasks per optimizer step summed over all ranks."""
         return self.meta_batch_size * self._world()[0]
 
+    def steps_per_epoch(self) -> int:
+        """Training meta-batches per epoch on each rank (known without iterating any loader)."""
+        return self.episodes["train"] // self.train_episodes_per_step
+
     def _loader(self, stream: str) -> _EpisodeLoader:
         if stream not in self.samplers:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[stream])

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_meta._checks import check_positive
+from lightning_meta.checkpoint import CheckedCheckpointIO, read_checkpoint, rng_states, set_rng_states
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional.episode import episode_accuracy, per_task_loss
 from lightning_meta.metrics import EpisodeMean
@@ -71,6 +74,7 @@ class MetaLearner(L.LightningModule):
         self.metrics = nn.ModuleDict({f"{stage}_value": EpisodeMean() for stage in STAGES})
         self.losses = nn.ModuleDict({f"{stage}_loss": EpisodeMean() for stage in STAGES})
         self._regression: Optional[bool] = None
+        self._pending_rng: Optional[dict] = None
 
     # ------------------------------------------------------------------ what subclasses implement
     def forward_episode(self, batch: Episode) -> Tensor:
@@ -157,6 +161,31 @@ class MetaLearner(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
+    # ------------------------------------------------------------------ checkpoints
+    def setup(self, stage: str) -> None:
+        # runs before Lightning restores a checkpoint: read it through an IO whose errors name a broken file
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = CheckedCheckpointIO()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_meta_rng"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_rng = checkpoint.get("lightning_meta_rng")
+
+    def on_train_start(self) -> None:
+        # Lightning does not restore global RNG states; a resumed run continues the saved streams (dropout...)
+        if self._pending_rng is not None:
+            set_rng_states(self._pending_rng)
+            self._pending_rng = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``; a missing, corrupt or truncated file gets an error naming it."""
+        read_checkpoint(checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only"))
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -169,11 +198,25 @@ class MetaLearner(L.LightningModule):
         if schedule is None:
             return optimizer
         if schedule == "cosine":
-            total = max(int(self.trainer.estimated_stepping_batches), 1)
+            total = max(self._total_steps(), 1)
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.get("lr_step_epochs", 10), hp.get("lr_gamma", 0.5))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _total_steps(self) -> int:
+        """Optimizer steps of the whole run. For an EpisodicDataModule this is arithmetic: Lightning's
+        ``estimated_stepping_batches`` would iterate the training loader before a checkpoint is restored, and the
+        first batch it prefetches then would not be the resumed position."""
+        t = self.trainer
+        per_epoch = getattr(t.datamodule, "steps_per_epoch", None)
+        if per_epoch is None or t.max_epochs is None or t.max_epochs < 0:
+            return int(t.estimated_stepping_batches)
+        batches = per_epoch()
+        limit = t.limit_train_batches
+        batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
+        total = math.ceil(batches / t.accumulate_grad_batches) * t.max_epochs
+        return min(total, t.max_steps) if t.max_steps and t.max_steps > 0 else total
 
     # ------------------------------------------------------------------ single-task helpers
     @contextlib.contextmanager

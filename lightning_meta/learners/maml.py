@@ -176,7 +176,8 @@ class MAML(MetaLearner):
             return functional_call(module, p, (x,))
 
         def task(sx_t, sy_t, qx_t):
-            trajectory, losses, finite = inner_adapt(forward, params, sx_t, sy_t, steps, rates, first_order, scale)
+            trajectory, losses, finite = inner_adapt(forward, params, sx_t, sy_t, steps, rates, first_order, scale,
+                                                     engine="func" if self.use_vmap else "autograd")
             chosen = trajectory[1:] if all_steps else trajectory[-1:]
             return torch.stack([forward(p, qx_t) for p in chosen]), losses, finite
 
@@ -279,11 +280,13 @@ class MAML(MetaLearner):
 
 
 class ANIL(MAML):
-    """Almost No Inner Loop (Raghu et al., ICLR 2020): adapt only the head; the body runs once per meta-batch.
+    """Almost No Inner Loop (Raghu et al., ICLR 2020): adapt only the head; the body runs once per task, never inside
+    the inner loop.
 
     The backbone needs ``forward_features(x)`` and a ``head`` module (as ``Conv4``, ``MLP`` and ``ResNet12`` with
-    ``out_features`` have). The body sees all tasks' support and query inputs of a meta-batch in one call (its batch
-    norm statistics are those of the whole meta-batch); only ``head`` is adapted, by ``vmap`` over the tasks.
+    ``out_features`` have). The body embeds each task's support and query inputs in one call (batch norm statistics
+    per task, as in MAML; one call per task also keeps CPU activations cache-sized); only ``head`` is adapted, by
+    ``vmap`` over the tasks, and the body's backward runs once for the meta-batch.
 
     Example:
         >>> from lightning_meta.models import MLP
@@ -308,8 +311,7 @@ class ANIL(MAML):
         return self.backbone.head
 
     def encode(self, x: Tensor) -> Tensor:
-        b, n = x.shape[:2]
-        return self.backbone.forward_features(x.flatten(0, 1)).view(b, n, -1)  # [B, n, D]
+        return torch.stack([self.backbone.forward_features(task) for task in x])  # [B, n, D]
 
 
 class MetaSGD(MAML):

@@ -1,0 +1,199 @@
+"""MAML meta-step speed and memory against learn2learn, side by side in one run on the same episodes and weights.
+
+Cases (second order, 1 inner step, Adam outer step; the median of timed steps after a warm-up):
+  sinusoid  MLP 40-40, meta-batch 25, K=10 (ours: vmap over tasks, and the functional loop)
+  omniglot  Conv4, 5-way 1-shot 15-query 28x28, meta-batch 32 (ours: the functional loop that `auto` picks for convs),
+            with achieved GFLOP/s (torch.utils.flop_counter) beside this machine's float32 matmul GFLOP/s
+  anil      the same Omniglot setup, ANIL: our body runs once per meta-batch; learn2learn's per task, as in its examples
+  memory    peak resident memory added by 3 meta-steps of the Omniglot case, each contender in a fresh process
+
+    python benchmarks/bench_maml.py [--cases sinusoid omniglot anil memory] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lightning_meta import ANIL, MAML
+from lightning_meta.data import Omniglot, Sinusoid
+from lightning_meta.data.sampler import make_sampler
+from lightning_meta.models import MLP, Conv4
+
+ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+
+
+def batches(case: str, steps: int):
+    if case == "sinusoid":
+        sampler = make_sampler(Sinusoid(), 1, 10, 10, 0, "sinusoid")
+        return [sampler.batch("train", 0, range(s * 25, (s + 1) * 25)) for s in range(steps)]
+    ds = Omniglot(ROOT, ["images_background_small1"])
+    sampler = make_sampler(ds, 5, 1, 15, 0, "omniglot")
+    return [sampler.batch("train", 0, range(s * 32, (s + 1) * 32)) for s in range(steps)]
+
+
+def loss_fn(out, y):
+    return F.mse_loss(out.squeeze(-1), y) if y.is_floating_point() else F.cross_entropy(out, y)
+
+
+def ours_step(model):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(batch):
+        opt.zero_grad()
+        model.training_step(batch, 0).backward()
+        opt.step()
+
+    return step
+
+
+def l2l_maml_step(net, inner_lr):
+    import learn2learn as l2l
+
+    maml = l2l.algorithms.MAML(net, lr=inner_lr, first_order=False)
+    opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
+
+    def step(batch):
+        opt.zero_grad()
+        total = 0
+        for t in range(batch.num_tasks):
+            sx, sy, qx, qy = batch.task(t)
+            learner = maml.clone()
+            learner.adapt(loss_fn(learner(sx), sy))
+            total = total + loss_fn(learner(qx), qy)
+        (total / batch.num_tasks).backward()
+        opt.step()
+
+    return step
+
+
+def l2l_anil_step(net, inner_lr):
+    import learn2learn as l2l
+
+    head = l2l.algorithms.MAML(net.head, lr=inner_lr, first_order=False)
+    opt = torch.optim.Adam(list(net.features.parameters()) + list(head.parameters()), lr=1e-3)
+
+    def step(batch):
+        opt.zero_grad()
+        total = 0
+        for t in range(batch.num_tasks):
+            sx, sy, qx, qy = batch.task(t)
+            feats = net.features(torch.cat([sx, qx]))
+            learner = head.clone()
+            learner.adapt(loss_fn(learner(feats[: len(sx)]), sy))
+            total = total + loss_fn(learner(feats[len(sx) :]), qy)
+        (total / batch.num_tasks).backward()
+        opt.step()
+
+    return step
+
+
+def contenders(case: str):
+    torch.manual_seed(0)
+    if case == "sinusoid":
+        net, lr = MLP(1, (40, 40), 1), 0.01
+        return {"lightning-meta (vmap)": ours_step(MAML(copy.deepcopy(net), inner_lr=lr, task_parallel="vmap")),
+                "lightning-meta (loop)": ours_step(MAML(copy.deepcopy(net), inner_lr=lr, task_parallel="loop")),
+                "learn2learn": l2l_maml_step(copy.deepcopy(net), lr)}
+    net, lr = Conv4(out_features=5), 0.4
+    if case == "anil":
+        return {"lightning-meta ANIL": ours_step(ANIL(copy.deepcopy(net), inner_lr=lr)),
+                "learn2learn ANIL": l2l_anil_step(copy.deepcopy(net), lr)}
+    return {"lightning-meta": ours_step(MAML(copy.deepcopy(net), inner_lr=lr)),
+            "learn2learn": l2l_maml_step(copy.deepcopy(net), lr)}
+
+
+def time_case(case: str, steps: int, warmup: int = 2) -> dict[str, float]:
+    data = batches(case, steps + warmup)
+    runs = contenders(case)
+    times = {name: [] for name in runs}
+    for i, batch in enumerate(data):  # interleaved: every contender takes the same step, one after the other
+        for name, step in runs.items():
+            start = time.perf_counter()
+            step(batch)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gflops_of_step(batch) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    step = ours_step(MAML(Conv4(out_features=5), inner_lr=0.4))
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def memory_child(name: str) -> None:
+    data = batches("omniglot", 3)
+    step = contenders("omniglot")[name]
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current size: data loading is excluded
+    for batch in data:
+        step(batch)
+    print(f"{(_rss_kib('VmHWM') - before) / 1024:.0f}")
+
+
+def _rss_kib(field: str) -> int:
+    line = next(li for li in Path("/proc/self/status").read_text().splitlines() if li.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def report(case: str, med: dict[str, float]) -> None:
+    base = next(v for k, v in med.items() if k.startswith("learn2learn"))
+    for name, t in med.items():
+        print(f"  {name:24s} {t * 1e3:9.1f} ms/meta-step   {base / t:5.1f}x learn2learn")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=["sinusoid", "omniglot", "anil", "memory"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if "sinusoid" in args.cases:
+        print("sinusoid MLP 40-40, meta-batch 25, K=10, 1 step, second order:")
+        report("sinusoid", time_case("sinusoid", max(args.steps, 20)))
+    if "omniglot" in args.cases:
+        print("Omniglot Conv4 5-way 1-shot 15-query, meta-batch 32, 1 step, second order:")
+        med = time_case("omniglot", args.steps)
+        report("omniglot", med)
+        gflop = gflops_of_step(batches("omniglot", 1)[0])
+        print(f"  one meta-step = {gflop:.1f} GFLOP: lightning-meta achieves {gflop / med['lightning-meta']:.1f} GFLOP/s; "
+              f"this machine's float32 matmul peak: {matmul_gflops():.1f} GFLOP/s")
+    if "anil" in args.cases:
+        print("ANIL, same Omniglot setup:")
+        report("anil", time_case("anil", args.steps))
+    if "memory" in args.cases:
+        print("peak memory added by 3 Omniglot meta-steps (fresh process each):")
+        for name in ("lightning-meta", "learn2learn"):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", name], capture_output=True, text=True)
+            value = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else f"failed: {out.stderr[-300:]}"
+            print(f"  {name:24s} {value} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Checkpoint reading with errors that name the file, and the RNG states a resumed run needs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _load as pl_load
+
+
+def read_checkpoint(path, map_location: Any = None, weights_only: Optional[bool] = None) -> dict:
+    """``torch.load`` a checkpoint; a missing, corrupt or truncated file gets an error naming it.
+
+    Example:
+        >>> import tempfile, os
+        >>> bad = os.path.join(tempfile.mkdtemp(), "last.ckpt")
+        >>> _ = open(bad, "wb").write(b"PK\\x03\\x04 truncated")
+        >>> read_checkpoint(bad)
+        Traceback (most recent call last):
+        ...
+        ValueError: Cannot load the checkpoint .../last.ckpt: the file is corrupt or truncated ...
+    """
+    if isinstance(path, (str, Path)) and not Path(path).is_file():
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    try:
+        return pl_load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # torch.load's errors for broken files: RuntimeError, EOFError, UnpicklingError...
+        raise ValueError(
+            f"Cannot load the checkpoint {path}: the file is corrupt or truncated ({type(err).__name__}: {err}). "
+            "Resume from an earlier checkpoint (checkpoints are written atomically, so the previous one is whole)."
+        ) from err
+
+
+class CheckedCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO (atomic writes through an fsspec transaction), reading through
+    :func:`read_checkpoint` so a broken file is named. MetaLearner installs it in place of the default."""
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None) -> dict:
+        return read_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def rng_states() -> dict:
+    """The global random states a training step may draw from (dropout, user code)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # plain types and tensors only, so the checkpoint still loads with torch.load(weights_only=True)
+    states = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+              "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
