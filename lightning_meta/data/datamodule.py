@@ -260,6 +260,8 @@ class EpisodicDataModule(L.LightningDataModule):
                     f"with a meta_batch_size x devices that divides {done}."
                 )
             stream.start = done // per_step
+            if stream.start >= len(stream):  # saved at the end of that epoch: the next epoch starts from its beginning
+                stream.epoch, stream.start = epoch + 1, 0
         self._resume = None
 
     # ---------------------------------------------------------------- checkpointing

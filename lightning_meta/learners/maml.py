@@ -165,9 +165,11 @@ class MAML(MetaLearner):
             self._trainer is not None and self.current_epoch < self.hparams.get("first_order_epochs", 0)
         )
 
-    def _run_tasks(self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int, first_order: bool, all_steps: bool):
+    def _run_tasks(self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int, first_order: bool, all_steps: bool,
+                   include_initial: bool = False):
         """Adapt to every task and predict its queries: ``(outputs [B, T, M, ...], inner losses [B, steps],
-        finite gradients [B, steps])`` with T = steps when ``all_steps`` else 1."""
+        finite gradients [B, steps])`` with T = steps when ``all_steps`` else 1 (plus the unadapted prediction first
+        when ``include_initial``)."""
         module = self._adapted_module()
         params = {n: p for n, p in module.named_parameters() if n in self._adapted_names}
         rates, scale = self._rates(), self._loss_scale()
@@ -179,6 +181,7 @@ class MAML(MetaLearner):
             trajectory, losses, finite = inner_adapt(forward, params, sx_t, sy_t, steps, rates, first_order, scale,
                                                      engine="func" if self.use_vmap else "autograd")
             chosen = trajectory[1:] if all_steps else trajectory[-1:]
+            chosen = trajectory[:1] + chosen if include_initial else chosen
             return torch.stack([forward(p, qx_t) for p in chosen]), losses, finite
 
         if self.use_vmap:
@@ -256,6 +259,18 @@ class MAML(MetaLearner):
         w = torch.full((steps,), max(1.0 / steps - epoch * decay, floor))
         w[-1] = min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
         return w
+
+    def step_outputs(self, batch: Episode, steps: Optional[int] = None) -> Tensor:
+        """Query outputs after 0, 1, ..., ``steps`` inner steps (default ``eval_inner_steps``): ``[B, steps+1, M, ...]``.
+        Used by :class:`~lightning_meta.callbacks.AdaptationCurve`; no gradients flow out."""
+        sx, sy, qx, _ = batch
+        with self._grad_mode():
+            sx, sy, qx = sx.clone(), sy.clone(), qx.clone()
+            s = sx.shape[1]
+            encoded = self.encode(torch.cat([sx, qx], dim=1)).detach()
+            outputs, _, _ = self._run_tasks(encoded[:, :s], sy, encoded[:, s:], steps or self.eval_inner_steps,
+                                            first_order=True, all_steps=True, include_initial=True)
+        return outputs.detach()
 
     # ------------------------------------------------------------------ one new task
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskPredictor:

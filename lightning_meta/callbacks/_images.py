@@ -1,0 +1,43 @@
+"""Saving a figure and handing it to whichever loggers can show images (no logger is assumed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def figure_dir(trainer, name: str) -> Path:
+    """``<log dir or default_root_dir>/<name>``: next to the run's logs when there is a logger."""
+    root = trainer.log_dir or trainer.default_root_dir
+    path = Path(root) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_and_log(trainer, fig, path: Path, key: str) -> Path:
+    """Write ``fig`` as a PNG and log it to every logger that takes images (W&B, TensorBoard); others keep the file."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    for logger in trainer.loggers:
+        if callable(getattr(logger, "log_image", None)):  # WandbLogger and others with the same method
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+        elif callable(getattr(getattr(logger, "experiment", None), "add_image", None)):  # TensorBoard
+            from PIL import Image
+
+            image = np.asarray(Image.open(path).convert("RGB"))
+            logger.experiment.add_image(key, image, trainer.global_step, dataformats="HWC")
+    return path
+
+
+def matplotlib():
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("The image callbacks need matplotlib: pip install 'lightning-meta[plots]'.") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,103 @@
+"""AdaptationCurve: how well a learner adapts, after each inner step and against the number of shots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from lightning_meta._checks import check_int
+from lightning_meta.callbacks._images import figure_dir, matplotlib, save_and_log
+from lightning_meta.data.episode import Episode
+from lightning_meta.functional.episode import episode_accuracy, per_task_loss
+
+
+class AdaptationCurve(L.Callback):
+    """After validation, measure a few validation episodes: query accuracy (MSE for regression) against the number of
+    support shots 1..K for every learner, and after each inner step 0..S for MAML-family learners. The curves are
+    saved as ``adaptation/epochNNN.png`` next to the logs, logged as the image ``val/adaptation_curve`` where the
+    logger takes images, and kept in :attr:`history` (part of the callback's ``state_dict``, so a resumed run keeps
+    the earlier epochs' curves; the plot shows every epoch so far).
+
+    Args:
+        num_episodes: validation episodes measured.
+        shots: support sizes per class to try (default ``1..K`` of the validation episodes).
+        every_n_epochs: how often.
+
+    Example:
+        >>> cb = AdaptationCurve(num_episodes=4)
+        >>> cb.state_dict()
+        {'history': []}
+    """
+
+    def __init__(self, num_episodes: int = 16, shots: Optional[Sequence[int]] = None, every_n_epochs: int = 1) -> None:
+        check_int("num_episodes", num_episodes, 1)
+        check_int("every_n_epochs", every_n_epochs, 1)
+        self.num_episodes, self.shots, self.every_n_epochs = num_episodes, shots, every_n_epochs
+        self.history: list[dict[str, Any]] = []
+        self._tasks: list[Episode] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._tasks = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        batch = Episode(*batch)
+        for i in range(batch.num_tasks):
+            if len(self._tasks) < self.num_episodes:
+                self._tasks.append(Episode(*(t[i].detach().clone() for t in batch)))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self._tasks or trainer.current_epoch % self.every_n_epochs:
+            return
+        if not trainer.is_global_zero:
+            return
+        batch = Episode(*(torch.stack(f) for f in zip(*self._tasks)))
+        regression = batch.is_regression
+        n_way = 1 if regression else int(batch.support_y.max()) + 1
+        k = batch.support_y.shape[1] // n_way
+        shots = [s for s in (self.shots or range(1, k + 1)) if 1 <= s <= k]
+        point = {"epoch": trainer.current_epoch, "metric": "mse" if regression else "acc", "shots": [], "steps": []}
+        was_training = pl_module.training
+        pl_module.eval()
+        for s in shots:  # support is class-major: keep the first s examples of each class
+            keep = lambda t: t.view(t.shape[0], n_way, k, *t.shape[2:])[:, :, :s].flatten(1, 2)  # noqa: E731
+            sub = Episode(keep(batch.support_x), keep(batch.support_y), batch.query_x, batch.query_y)
+            point["shots"].append((s, self._score(pl_module.forward_episode(sub), sub)))
+        if callable(getattr(pl_module, "step_outputs", None)):
+            outs = pl_module.step_outputs(batch)  # [B, S+1, M, ...]
+            point["steps"] = [(t, self._score(outs[:, t], batch)) for t in range(outs.shape[1])]
+        pl_module.train(was_training)
+        self.history.append(point)
+        self._plot(trainer, point)
+
+    @staticmethod
+    def _score(outputs: torch.Tensor, batch: Episode) -> float:
+        if batch.is_regression:
+            return float(per_task_loss(outputs, batch.query_y).mean())
+        return float(episode_accuracy(outputs, batch.query_y).mean())
+
+    def _plot(self, trainer, point) -> None:
+        plt = matplotlib()
+        panels = [("shots", "support examples per class")] + ([("steps", "inner steps")] if point["steps"] else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+        label = "query MSE" if point["metric"] == "mse" else "query accuracy"
+        for ax, (name, xlabel) in zip(axes[0], panels):
+            for past in self.history:
+                if past[name]:
+                    xs, ys = zip(*past[name])
+                    latest = past is point
+                    ax.plot(xs, ys, marker="o", alpha=1.0 if latest else 0.3, label=f"epoch {past['epoch']}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        path = figure_dir(trainer, "adaptation") / f"epoch{point['epoch']:03d}.png"
+        save_and_log(trainer, fig, path, "val/adaptation_curve")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))

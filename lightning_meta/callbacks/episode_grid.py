@@ -1,0 +1,81 @@
+"""EpisodeGrid: a picture of a few validation episodes with the learner's predictions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_meta._checks import check_int
+from lightning_meta.callbacks._images import figure_dir, matplotlib, save_and_log
+from lightning_meta.data.episode import Episode
+
+
+class EpisodeGrid(L.Callback):
+    """After validation, draw the first ``num_episodes`` validation episodes: the support images with their labels,
+    then up to ``max_queries`` queries titled ``predicted/true`` (green when right, red when wrong). Saved as
+    ``episodes/epochNNN.png`` next to the logs and logged as the image ``val/episodes`` where the logger takes
+    images. Image episodes only (inputs ``[C, H, W]`` with 1 or 3 channels). The list of saved files is the
+    callback's state, so it survives a resume.
+
+    Example:
+        >>> EpisodeGrid(num_episodes=1).state_dict()
+        {'saved': []}
+    """
+
+    def __init__(self, num_episodes: int = 2, max_queries: int = 10, every_n_epochs: int = 1) -> None:
+        for name, value in (("num_episodes", num_episodes), ("max_queries", max_queries),
+                            ("every_n_epochs", every_n_epochs)):
+            check_int(name, value, 1)
+        self.num_episodes, self.max_queries, self.every_n_epochs = num_episodes, max_queries, every_n_epochs
+        self.saved: list[str] = []
+        self._tasks: list[Episode] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._tasks = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        batch = Episode(*batch)
+        if batch.is_regression or batch.support_x.dim() != 5 or batch.support_x.shape[2] not in (1, 3):
+            return
+        for i in range(batch.num_tasks):
+            if len(self._tasks) < self.num_episodes:
+                self._tasks.append(Episode(*(t[i].detach().clone() for t in batch)))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self._tasks or trainer.current_epoch % self.every_n_epochs:
+            return
+        if not trainer.is_global_zero:
+            return
+        batch = Episode(*(torch.stack(f) for f in zip(*self._tasks)))
+        was_training = pl_module.training
+        pl_module.eval()
+        predictions = pl_module.forward_episode(batch).argmax(-1).cpu()
+        pl_module.train(was_training)
+        plt = matplotlib()
+        s, q = batch.support_x.shape[1], min(batch.query_x.shape[1], self.max_queries)
+        cols = max(s, q)
+        fig, axes = plt.subplots(2 * len(self._tasks), cols, figsize=(1.2 * cols, 2.6 * len(self._tasks)), squeeze=False)
+        for e in range(len(self._tasks)):
+            for j in range(cols):
+                for row, (images, title) in enumerate(((batch.support_x[e], "support"), (batch.query_x[e], "query"))):
+                    ax = axes[2 * e + row, j]
+                    ax.axis("off")
+                    if j >= (s if row == 0 else q):
+                        continue
+                    img = images[j].float().cpu()
+                    ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0).clamp(0, 1), cmap="gray")
+                    if row == 0:
+                        ax.set_title(f"{int(batch.support_y[e, j])}", fontsize=8)
+                    else:
+                        pred, true = int(predictions[e, j]), int(batch.query_y[e, j])
+                        ax.set_title(f"{pred}/{true}", fontsize=8, color="green" if pred == true else "red")
+        path = figure_dir(trainer, "episodes") / f"epoch{trainer.current_epoch:03d}.png"
+        self.saved.append(str(save_and_log(trainer, fig, path, "val/episodes")))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved": self.saved}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved = list(state_dict.get("saved", []))
