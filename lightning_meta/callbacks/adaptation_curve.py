@@ -14,6 +14,11 @@ from lightning_meta.data.episode import Episode
 from lightning_meta.functional.episode import episode_accuracy, per_task_loss
 
 
+def _first_shots(t: torch.Tensor, n_way: int, k: int, s: int) -> torch.Tensor:
+    """The first ``s`` of each class's ``k`` support examples (support is class-major): ``[B, N*k, ...] -> [B, N*s, ...]``."""
+    return t.view(t.shape[0], n_way, k, *t.shape[2:])[:, :, :s].flatten(1, 2)
+
+
 class AdaptationCurve(L.Callback):
     """After validation, measure a few validation episodes: query accuracy (MSE for regression) against the number of
     support shots 1..K for every learner, and after each inner step 0..S for MAML-family learners. The curves are
@@ -61,9 +66,9 @@ class AdaptationCurve(L.Callback):
         point = {"epoch": trainer.current_epoch, "metric": "mse" if regression else "acc", "shots": [], "steps": []}
         was_training = pl_module.training
         pl_module.eval()
-        for s in shots:  # support is class-major: keep the first s examples of each class
-            keep = lambda t: t.view(t.shape[0], n_way, k, *t.shape[2:])[:, :, :s].flatten(1, 2)  # noqa: E731
-            sub = Episode(keep(batch.support_x), keep(batch.support_y), batch.query_x, batch.query_y)
+        for s in shots:
+            sub = Episode(_first_shots(batch.support_x, n_way, k, s), _first_shots(batch.support_y, n_way, k, s),
+                          batch.query_x, batch.query_y)
             point["shots"].append((s, self._score(pl_module.forward_episode(sub), sub)))
         if callable(getattr(pl_module, "step_outputs", None)):
             outs = pl_module.step_outputs(batch)  # [B, S+1, M, ...]

@@ -59,7 +59,7 @@ class EpisodeGrid(L.Callback):
         fig, axes = plt.subplots(2 * len(self._tasks), cols, figsize=(1.2 * cols, 2.6 * len(self._tasks)), squeeze=False)
         for e in range(len(self._tasks)):
             for j in range(cols):
-                for row, (images, title) in enumerate(((batch.support_x[e], "support"), (batch.query_x[e], "query"))):
+                for row, images in enumerate((batch.support_x[e], batch.query_x[e])):
                     ax = axes[2 * e + row, j]
                     ax.axis("off")
                     if j >= (s if row == 0 else q):
