@@ -9,7 +9,8 @@ from lightning_meta.data.datasets import (
     TensorClassDataset,
 )
 from lightning_meta.data.episode import Episode
+from lightning_meta.data.interop import learn2learn_tasksets
 from lightning_meta.data.tasks import TaskDistribution
 
 __all__ = ["CachedImageDataset", "ClassFolder", "Episode", "EpisodicDataModule", "MiniImageNet", "Omniglot",
-           "Sinusoid", "SyntheticGlyphs", "TaskDistribution", "TensorClassDataset"]
+           "Sinusoid", "SyntheticGlyphs", "TaskDistribution", "TensorClassDataset", "learn2learn_tasksets"]

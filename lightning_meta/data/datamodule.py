@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from lightning_meta._checks import check_int
 from lightning_meta.data.episode import Episode
+from lightning_meta.data.interop import is_learn2learn_taskset
 from lightning_meta.data.sampler import is_task_distribution, make_sampler
 from lightning_meta.data.tasks import TaskDistribution
 
@@ -173,7 +174,7 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"`{name}` must be a map-style dataset of (x, label) items or a task distribution with "
                 f"`sample(rng, n_support, n_query)`, but got {type(source).__name__}."
             )
-        if not is_task_distribution(source) and way < 2:
+        if not (is_task_distribution(source) or is_learn2learn_taskset(source)) and way < 2:
             arg = "train_way" if name == "train" and self.hparams.train_way else "n_way"
             raise ValueError(
                 f"Expected `{arg}` to be an integer >= 2 for the "

@@ -185,7 +185,11 @@ def is_task_distribution(source) -> bool:
 
 
 def make_sampler(source, n_way: int, n_shot: int, n_query: int, seed: int, name: str):
-    """The sampler for a labelled dataset or a task distribution."""
+    """The sampler for a labelled dataset, a task distribution or a learn2learn task dataset."""
+    from lightning_meta.data.interop import Learn2LearnTaskSampler, is_learn2learn_taskset
+
+    if is_learn2learn_taskset(source):
+        return Learn2LearnTaskSampler(source, n_way, n_shot, n_query, seed, name)
     if is_task_distribution(source):
         return TaskEpisodeSampler(source, n_way, n_shot, n_query, seed, name)
     return ClassEpisodeSampler(source, n_way, n_shot, n_query, seed, name)
