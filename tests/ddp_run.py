@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import blob_data, sine_data  # noqa: E402
 
-from lightning_meta import MAML, ProtoNet  # noqa: E402
+from lightning_meta import MAML, AttentionLearner, ProtoNet  # noqa: E402
 from lightning_meta.models import MLP  # noqa: E402
 
 
@@ -28,7 +28,8 @@ class Recorder(L.Callback):
 
     def on_after_backward(self, trainer, module):
         if self.grads is None:
-            self.grads = [p.grad.clone() for p in module.backbone.parameters()]
+            params = module.backbone.parameters() if isinstance(module, MAML) else module.parameters()
+            self.grads = [p.grad.clone() for p in params if p.grad is not None]
 
 
 def run(out: Path, devices: int, meta_batch: int) -> None:
@@ -42,10 +43,20 @@ def run(out: Path, devices: int, meta_batch: int) -> None:
     trainer = L.Trainer(max_steps=3, callbacks=[rec], limit_val_batches=0, **kw)
     trainer.fit(maml, sine_data(meta_batch_size=meta_batch, train_episodes=8 * 3))
     L.seed_everything(0, verbose=False)
+    attention, att_rec = AttentionLearner(MLP(8, (16,)), max_way=5, dim=16, heads=2, lr=3e-3), Recorder()
+    L.Trainer(max_steps=3, limit_val_batches=0, callbacks=[att_rec], **kw).fit(
+        attention, blob_data(meta_batch_size=meta_batch, train_episodes=8 * 3))
+    L.seed_everything(0, verbose=False)
+    protonet = ProtoNet(MLP(8, (16,)), lr=3e-3)
+    L.Trainer(max_steps=3, limit_val_batches=0, **kw).fit(
+        protonet, blob_data(meta_batch_size=meta_batch, train_episodes=8 * 3))
+    L.seed_everything(0, verbose=False)
     proto = ProtoNet(MLP(8, (16,)))
     metrics = L.Trainer(**kw).validate(proto, blob_data(val_episodes=11, meta_batch_size=2), verbose=False)[0]
     torch.save({"batches": rec.batches, "grads": rec.grads, "metrics": metrics,
-                "final": [p.detach().clone() for p in maml.backbone.parameters()]},
+                "final": [p.detach().clone() for p in maml.backbone.parameters()],
+                "attention_grads": att_rec.grads,
+                "protonet": [p.detach().clone() for p in protonet.parameters()]},
                out / f"rank{trainer.global_rank}.pt")
 
 

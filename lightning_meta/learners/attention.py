@@ -139,13 +139,23 @@ class AttentionLearner(MetaLearner):
         if sy.is_floating_point():
             support = support + self.target(sy.unsqueeze(-1).to(support.dtype)) + self.markers[1]
             out = self._run(torch.cat([support, query], 1), s)
-            return self.readout(out[:, s:])  # [B, M, 1]
+            return self.readout(out[:, s:]) + self._unused(self.label, self.markers[0])  # [B, M, 1]
         n_way = int(sy.max()) + 1
         classes = class_prototypes(support, sy, n_way) + self.markers[0]  # [B, N, D]
         support = support + self.label(torch.gather(classes, 1, sy.unsqueeze(-1).expand_as(support))) + self.markers[1]
         out = self._run(torch.cat([classes, support, query], 1), n_way + s)  # [B, N+S+M, D]
         class_out, query_out = out[:, :n_way], out[:, n_way + s :]
-        return (query_out @ class_out.transpose(1, 2)).float() / math.sqrt(out.shape[-1])  # [B, M, N]
+        logits = (query_out @ class_out.transpose(1, 2)).float() / math.sqrt(out.shape[-1])  # [B, M, N]
+        return logits + self._unused(self.target, self.readout)
+
+    @staticmethod
+    def _unused(*parts) -> Tensor:
+        """Zero, computed from the parameters this episode's mode does not use (classification: the regression target
+        embedding and readout; regression: the label embedding and class marker). One model keeps both so it serves
+        both kinds of episode; joining the graph with weight zero changes no output or gradient and lets DDP, which
+        refuses parameters outside the loss, train either kind."""
+        params = [p for part in parts for p in (part.parameters() if isinstance(part, nn.Module) else [part])]
+        return sum(p.sum() for p in params) * 0.0
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskPredictor:
         batch, n_way = self._single_task(support_x, support_y)

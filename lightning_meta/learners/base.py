@@ -26,7 +26,14 @@ STAGES = ("train", "val", "test")
 
 class TaskPredictor:
     """What :meth:`MetaLearner.adapt` returns: call it on query inputs ``[M, ...]`` to get logits ``[M, N]`` (or
-    predictions ``[M, ...]`` for regression). Runs without gradients, in the learner's evaluation mode."""
+    predictions ``[M, ...]`` for regression). Runs without gradients, in the learner's evaluation mode.
+
+    Example:
+        >>> from lightning_meta import ProtoNet
+        >>> predictor = ProtoNet(nn.Identity()).adapt(torch.tensor([[0.0], [10.0]]), torch.tensor([0, 1]))
+        >>> predictor.n_way, predictor(torch.tensor([[1.0], [9.0]])).argmax(-1).tolist()
+        (2, [0, 1])
+    """
 
     def __init__(self, learner: MetaLearner, predict: Callable[[Tensor], Tensor], n_way: int) -> None:
         self.learner, self._predict, self.n_way = learner, predict, n_way
@@ -50,6 +57,20 @@ class MetaLearner(L.LightningModule):
 
     Logged: ``train/loss`` and ``train/acc`` (or ``train/mse``); ``val/loss``, ``val/acc`` and ``val/acc_ci95``
     (classification) or ``val/mse`` and ``val/mse_ci95`` (regression); likewise ``test/*``.
+
+    Example (a new learner implements two methods; nearest support example, no training):
+        >>> from lightning_meta import Episode
+        >>> class Nearest(MetaLearner):
+        ...     def forward_episode(self, batch):
+        ...         d = torch.cdist(batch.query_x, batch.support_x)              # [B, M, S]
+        ...         onehot = nn.functional.one_hot(batch.support_y).float()     # [B, S, N]
+        ...         return -torch.einsum("bms,bsn->bmn", d, onehot) + self.dummy * 0
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.dummy = nn.Parameter(torch.zeros(()))
+        >>> ep = Episode(torch.tensor([[[0.0], [5.0]]]), torch.tensor([[0, 1]]), torch.tensor([[[4.0]]]), torch.tensor([[1]]))
+        >>> Nearest()(ep).argmax(-1).tolist()
+        [[1]]
     """
 
     def __init__(

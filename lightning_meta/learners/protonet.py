@@ -60,7 +60,8 @@ class ProtoNet(MetaLearner):
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.distance = distance
-        self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale)
+        # only cosine logits use the scale: a trainable parameter outside the loss would stop DDP
+        self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale and distance == "cosine")
 
     def check_episode(self, batch: Episode) -> int:
         n_way = super().check_episode(batch)

@@ -20,6 +20,18 @@ class ClassFolder(CachedImageDataset):
 
     Class names are ``<root name>/<class folder>``'s folder part, so two ``ClassFolder`` splits with a class folder of
     the same name are reported as overlapping.
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for c in ("cat", "dog"):
+        ...     (root / c).mkdir()
+        ...     for i in range(3):
+        ...         Image.new("RGB", (10, 8)).save(root / c / f"{i}.png")
+        >>> ds = ClassFolder(root, image_size=6)
+        >>> ds.class_names, tuple(ds.images.shape), ds.labels.tolist()
+        (['cat', 'dog'], (6, 3, 6, 6), [0, 0, 0, 1, 1, 1])
     """
 
     def __init__(self, root: Union[str, Path], image_size: Optional[Union[int, tuple[int, int]]] = None,

@@ -15,7 +15,22 @@ SPLITS = ("train", "val", "test")
 
 class MiniImageNet(CachedImageDataset):
     """The standard csv splits over an images folder: ``root/{train,val,test}.csv`` (``filename,label`` rows) and
-    ``root/images/<filename>``. Images are resized to ``image_size`` (84 in the papers) and cached as uint8 RGB."""
+    ``root/images/<filename>``. Images are resized to ``image_size`` (84 in the papers) and cached as uint8 RGB.
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "images").mkdir()
+        >>> rows = ["filename,label"]
+        >>> for i, wnid in enumerate(["n01532829", "n01532829", "n01558993"]):
+        ...     Image.new("RGB", (100, 90)).save(root / "images" / f"{wnid}{i:08d}.jpg")
+        ...     rows.append(f"{wnid}{i:08d}.jpg,{wnid}")
+        >>> _ = (root / "test.csv").write_text(chr(10).join(rows))
+        >>> ds = MiniImageNet(root, "test", image_size=84)
+        >>> ds.class_names, tuple(ds.images.shape)
+        (['n01532829', 'n01558993'], (3, 3, 84, 84))
+    """
 
     def __init__(self, root: Union[str, Path], split: str = "train", image_size: int = 84) -> None:
         root = Path(root)
