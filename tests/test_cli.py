@@ -15,10 +15,20 @@ SMALL_DATA = {  # shrink each config's data so a test run takes seconds
 }
 
 
-@pytest.mark.parametrize("config", ["protonet_glyphs", "attention_glyphs", "maml_sinusoid"])
-def test_every_example_config_fits_and_tests_through_the_cli(config, tmp_path):
-    kind = config.split("_")[1]
-    common = [f"--config={CONFIGS / config}.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
+EXTRA = {  # the DDP config runs on one process here (its 2-process run: examples/distributed.py in test_examples.py)
+    "maml_ddp_glyphs": ["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.accelerator=cpu",
+                        "--model.init_args.backbone.init_args.hidden=8", "--data.meta_batch_size=2"],
+    "maml_wandb_glyphs": ["--model.init_args.backbone.init_args.hidden=8"],
+}
+
+
+@pytest.mark.parametrize("config", ["protonet_glyphs", "attention_glyphs", "maml_sinusoid", "maml_ddp_glyphs",
+                                    "maml_wandb_glyphs"])
+def test_every_example_config_fits_and_tests_through_the_cli(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    kind = config.rsplit("_", 1)[1]
+    common = [f"--config={CONFIGS / config}.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *EXTRA.get(config, []),
               "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
               "--trainer.enable_progress_bar=false", *SMALL_DATA[kind]]
     cli = main(["fit", *common])

@@ -16,6 +16,11 @@ class CachedImageDataset(Dataset):
     """Images held as one ``uint8`` tensor ``[n, C, H, W]`` with integer ``labels`` and readable ``class_names``.
 
     Items are ``(float image in [0, 1], label)``; :meth:`gather` loads many items with one index operation.
+
+    Example:
+        >>> ds = CachedImageDataset(torch.full((4, 1, 2, 2), 255, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]), ["a", "b"])
+        >>> ds[2][1], ds.gather(torch.tensor([0, 3])).shape, ds.num_classes
+        (1, torch.Size([2, 1, 2, 2]), 2)
     """
 
     images: Tensor
