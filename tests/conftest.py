@@ -42,3 +42,14 @@ def toy_dataset(num_classes=12, per_class=8, dim=6, seed=0, names_prefix=None):
 def episode_key(x: torch.Tensor) -> tuple:
     """A fingerprint of an episode's inputs, to compare which episodes were drawn."""
     return tuple(round(float(v), 5) for v in x.flatten(1).sum(1).tolist()[:8])
+
+
+@pytest.fixture(autouse=True)
+def _finish_wandb_runs():
+    """A W&B run left open by one test would be reused by the next WandbLogger (Lightning reuses `wandb.run`)."""
+    yield
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
