@@ -40,6 +40,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="outer learning rate (default: the learner's)")
     p.add_argument("--steps", type=int, default=None,
                    help="train for this many meta-steps with cosine decay instead of a time budget")
+    p.add_argument("--accelerator", default="cpu", help="cpu (the figures in the README) or cuda")
+    p.add_argument("--precision", default="32-true", help="e.g. 16-mixed or bf16-mixed")
+    p.add_argument("--train-way", type=int, default=None, help="ways of a training episode (default: the learner's)")
+    p.add_argument("--train-query", type=int, default=None, help="queries per class in training")
+    p.add_argument("--meta-batch", type=int, default=None, help="episodes per meta-step")
     args = p.parse_args()
     L.seed_everything(0, verbose=False)
     rot = (0, 90, 180, 270)
@@ -54,6 +59,7 @@ def main() -> None:
     else:
         model = MAML(Conv4(out_features=5), inner_lr=0.4, inner_steps=1, eval_inner_steps=3, lr=1e-3)
         way, shot, query, batch = 5, 1, 15, 16
+    way, query, batch = args.train_way or way, args.train_query or query, args.meta_batch or batch
     if args.lr is not None:
         model.hparams.lr = args.lr
     if args.steps:
@@ -62,19 +68,22 @@ def main() -> None:
                             train_query=query, meta_batch_size=batch, train_episodes=200 * batch, val_episodes=100,
                             seed=0)
     budget = {"max_steps": args.steps} if args.steps else {"max_time": {"minutes": args.minutes}}
-    trainer = L.Trainer(**budget, max_epochs=10_000, logger=False,
+    trainer = L.Trainer(**budget, max_epochs=10_000, logger=False, accelerator=args.accelerator,
+                        precision=args.precision,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     wall, cpu = time.perf_counter(), cpu_seconds()
     trainer.fit(model, dm)
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     print(f"{args.learner}: trained {trainer.global_step} meta-steps ({trainer.current_epoch} epochs) in "
-          f"{wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min on {torch.get_num_threads()} threads")
+          f"{wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min on {torch.get_num_threads()} threads "
+          f"({args.accelerator}, {args.precision}; {way}-way 1-shot {query}-query, meta-batch {batch})")
     for n_way in (5, 20):
         if args.learner == "maml" and n_way != 5:
             continue
         tdm = EpisodicDataModule(train, None, test, n_way=n_way, n_shot=1, n_query=15, meta_batch_size=1,
                                  eval_meta_batch_size=4, test_episodes=args.test_episodes, seed=0)
-        res = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        res = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator=args.accelerator, precision=args.precision).test(
             model, tdm, verbose=False)[0]
         print(f"  {n_way}-way 1-shot on {args.test_episodes} episodes of unseen alphabets: "
               f"{100 * res['test/acc']:.2f}% +- {100 * res['test/acc_ci95']:.2f}%")

@@ -7,7 +7,7 @@ from helpers import blob_data, episode, sine_data, trainer
 from torch.func import functional_call
 
 from conftest import require_learn2learn
-from lightning_meta import ANIL, MAML, Episode, MetaSGD
+from lightning_meta import ANIL, MAML, Episode, EpisodicDataModule, MetaSGD
 from lightning_meta.functional import inner_adapt, scaled_grad
 from lightning_meta.models import MLP, Conv4
 
@@ -142,11 +142,58 @@ def test_vmap_and_loop_give_the_same_outputs_and_tasks_do_not_leak_into_each_oth
     torch.testing.assert_close(a[:1], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cls", [MAML, MetaSGD, ANIL])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_batched_linear_chain_matches_generic_vmap_in_outputs_and_meta_gradients(cls, first_order):
+    # the fast path for linear/activation chains (one batched matmul per layer) must give vmap's numbers
+    torch.manual_seed(0)
+    net = MLP(8, (16, 16), 3)
+    ep = episode(b=4)
+    fast = cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=first_order, task_parallel="vmap")
+    generic = cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=first_order, task_parallel="vmap")
+    assert fast._batched_forward is not None
+    generic._batched_forward = None  # torch.func.vmap over functional_call
+    torch.testing.assert_close(fast(ep), generic(ep), atol=1e-6, rtol=1e-5)
+    fast.train(), generic.train()
+    assert_grads_close(our_meta_grads(fast, ep), our_meta_grads(generic, ep), atol=1e-6)
+    assert MAML(Conv4(out_features=5), inner_lr=0.4)._batched_forward is None  # convolutions: generic path
+
+
 def test_auto_picks_vmap_without_convolutions_and_a_loop_with_them():
     assert MAML(MLP(1, (40, 40), 1), inner_lr=0.01).use_vmap
     assert not MAML(Conv4(out_features=5), inner_lr=0.4).use_vmap
     assert MAML(Conv4(out_features=5), inner_lr=0.4, task_parallel="vmap").use_vmap
     assert ANIL(Conv4(out_features=5), inner_lr=0.4).use_vmap  # only the linear head is adapted
+    on_gpu = MAML(Conv4(out_features=5), inner_lr=0.4)
+    on_gpu._device = torch.device("cuda", 0)  # what .to("cuda") records: on a GPU vmap wins for convolutions too
+    assert on_gpu.use_vmap and not MAML(Conv4(out_features=5), inner_lr=0.4, task_parallel="loop").use_vmap
+
+
+@pytest.mark.parametrize(("dtype", "min_cosine"), [(torch.bfloat16, 0.95), (torch.float16, 0.99)])
+@pytest.mark.parametrize("task_parallel", ["vmap", "loop"])
+def test_batch_norm_maml_meta_gradients_are_finite_and_agree_under_autocast(dtype, min_cosine, task_parallel):
+    # float16 batch norm's double backward returns NaN, and vmap's batch-norm rule rejects a half input with float
+    # weights: inside the inner loop batch norm runs in float32 while convolutions stay in reduced precision.
+    # 5-shot: with 1-shot batch norm divides by the spread of 3 images and the meta-gradient is ill-conditioned
+    # (a 1e-3 relative change of the float32 inputs alone moves it to cosine 0.91-0.99).
+    from lightning_meta.data import SyntheticGlyphs
+
+    dm = EpisodicDataModule(train=SyntheticGlyphs("train"), n_way=3, n_shot=5, n_query=5, meta_batch_size=2,
+                            train_episodes=2, seed=0)
+    dm.setup("fit")
+    ep = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    model = MAML(Conv4(hidden=16, out_features=3), inner_lr=0.4, inner_steps=2, task_parallel=task_parallel)
+    full = torch.cat([g.flatten() for g in our_meta_grads(model, ep)])
+    for scale in (1.0, 256.0):  # the outer loss scaled as GradScaler does
+        with torch.autocast("cpu", dtype=dtype):
+            loss = model.training_step(ep, 0)
+        model.zero_grad()
+        (loss * scale).backward()
+        half = torch.cat([p.grad.flatten() / scale for p in model.parameters()])
+        assert torch.isfinite(half).all()
+        assert F.cosine_similarity(full, half, dim=0) > min_cosine
+    assert all(not m._forward_pre_hooks for m in model.modules())  # the float32 hooks are gone afterwards
 
 
 def test_bf16_inner_loop_meta_gradients_agree_with_float32():

@@ -12,8 +12,9 @@ from torch.func import functional_call
 
 from lightning_meta._checks import check_int, check_positive
 from lightning_meta.data.episode import Episode
+from lightning_meta.functional.batched import batched_chain
 from lightning_meta.functional.episode import per_task_loss
-from lightning_meta.functional.inner_loop import inner_adapt
+from lightning_meta.functional.inner_loop import inner_adapt, inner_adapt_batched
 from lightning_meta.learners.base import MetaLearner, TaskPredictor
 
 TASK_PARALLEL = ("auto", "vmap", "loop")
@@ -27,17 +28,47 @@ def _disable_running_stats(module: nn.Module) -> None:
             m.running_mean = m.running_var = m.num_batches_tracked = None
 
 
+def _autocast_enabled() -> bool:
+    try:
+        return any(torch.is_autocast_enabled(device) for device in ("cuda", "cpu"))
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def _norm_input_in_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    weight = module.weight if module.weight is not None else torch.empty(0)
+    return (args[0].to(weight.dtype),) + tuple(args[1:])
+
+
+@contextlib.contextmanager
+def _norms_in_float32(module: nn.Module):
+    """Under autocast, batch norm in the inner loop takes its input in its weights' dtype (float32): its double
+    backward (second-order MAML) returns NaN for float16 inputs, and its batching rule under ``vmap`` rejects a
+    reduced-precision input with float32 weights. Convolutions and matmuls still run in reduced precision."""
+    if not _autocast_enabled():
+        yield
+        return
+    handles = [m.register_forward_pre_hook(_norm_input_in_weight_dtype) for m in module.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class MAML(MetaLearner):
     """Model-Agnostic Meta-Learning: adapt all parameters by ``inner_steps`` gradient steps on each task's support set
     and update the initialization through those steps (second order, or first order by flag).
 
     The inner loop is a pure function of (params, support) on ``torch.func`` (no module cloning): a meta-batch runs as
-    one ``vmap`` over its tasks or as a loop (``task_parallel="auto"`` picks ``vmap`` for networks without
-    convolutions, where it is faster on CPU). Inner gradients never touch ``.grad``, so no DDP hook fires inside the
+    one ``vmap`` over its tasks or as a loop (``task_parallel="auto"`` picks ``vmap`` on a GPU, and on a CPU for
+    networks without convolutions: see :attr:`use_vmap`). Inner gradients never touch ``.grad``, so no DDP hook fires inside the
     inner loop; Lightning owns the outer backward, gradient scaling, clipping and DDP synchronisation.
 
     Batch norm: running statistics are turned off on the backbone; every forward pass (each task's support set, each
     query set) normalises with its own batch statistics, in training and evaluation alike, as in the paper's code.
+    Under mixed precision it runs in float32 inside the inner loop (its float16 double backward gives NaN).
 
     Validation and testing adapt with gradients even under Lightning's default ``inference_mode=True``.
 
@@ -115,9 +146,9 @@ class MAML(MetaLearner):
         if not names:
             raise ValueError("The backbone has no trainable parameters to adapt.")
         self._adapted_names = names
-        self.use_vmap = task_parallel == "vmap" or (
-            task_parallel == "auto" and not any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
-        )
+        self.task_parallel = task_parallel
+        self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+        self._batched_forward = batched_chain(module)  # a fast vmap replacement for linear/activation chains
         learned = learn_inner_lr or per_step_lr or self.meta_sgd
         self.inner_lrs = nn.ParameterDict()
         if learned:
@@ -132,6 +163,15 @@ class MAML(MetaLearner):
         linears = [m for m in backbone.modules() if isinstance(m, nn.Linear)]
         self.out_features = linears[-1].out_features if linears else None
         self._step_outputs: Optional[Tensor] = None
+
+    @property
+    def use_vmap(self) -> bool:
+        """Whether the tasks of a meta-batch run under one ``vmap`` (else a loop). ``auto``: on a GPU always (10.7x
+        the loop's speed for Conv4 on an H100, ``benchmarks/bench_gpu.py``); on a CPU only for networks without
+        convolutions, whose vmapped form is slower there than a loop."""
+        if self.task_parallel != "auto":
+            return self.task_parallel == "vmap"
+        return not self._has_conv or self.device.type == "cuda"
 
     # ------------------------------------------------------------------ pieces ANIL overrides
     def _adapted_module(self) -> nn.Module:
@@ -177,17 +217,26 @@ class MAML(MetaLearner):
         def forward(p, x):
             return functional_call(module, p, (x,))
 
-        def task(sx_t, sy_t, qx_t):
-            trajectory, losses, finite = inner_adapt(forward, params, sx_t, sy_t, steps, rates, first_order, scale,
-                                                     engine="func" if self.use_vmap else "autograd")
+        def pick(trajectory):
             chosen = trajectory[1:] if all_steps else trajectory[-1:]
-            chosen = trajectory[:1] + chosen if include_initial else chosen
-            return torch.stack([forward(p, qx_t) for p in chosen]), losses, finite
+            return trajectory[:1] + chosen if include_initial else chosen
 
-        if self.use_vmap:
-            return torch.func.vmap(task, randomness="different")(sx, sy, qx)
-        results = [task(sx[i], sy[i], qx[i]) for i in range(sx.shape[0])]
-        return tuple(torch.stack(r) for r in zip(*results))
+        with _norms_in_float32(module):
+            if self.use_vmap:  # every task at once: vmapped forwards, one autograd call per inner step
+                batched = {n: p.expand(sx.shape[0], *p.shape) for n, p in params.items()}
+                forward_all = self._batched_forward or torch.func.vmap(forward, randomness="different")
+                trajectory, losses, finite = inner_adapt_batched(forward_all, batched, sx, sy, steps, rates,
+                                                                 first_order, scale)
+                outputs = [forward_all(p, qx) for p in pick(trajectory)]
+                return (outputs[0].unsqueeze(1) if len(outputs) == 1 else torch.stack(outputs, 1)), losses, finite
+
+            def task(sx_t, sy_t, qx_t):
+                trajectory, losses, finite = inner_adapt(forward, params, sx_t, sy_t, steps, rates, first_order,
+                                                         scale, engine="autograd")
+                return torch.stack([forward(p, qx_t) for p in pick(trajectory)]), losses, finite
+
+            results = [task(sx[i], sy[i], qx[i]) for i in range(sx.shape[0])]
+            return tuple(torch.stack(r) for r in zip(*results))
 
     def _raise_nonfinite(self, losses: Tensor, finite: Tensor) -> None:
         bad = (~torch.isfinite(losses)) | (~finite)
@@ -219,13 +268,14 @@ class MAML(MetaLearner):
         with self._grad_mode() as cloned:
             if cloned:  # inference tensors cannot enter autograd: take normal copies
                 sx, sy, qx = sx.clone(), sy.clone(), qx.clone()
-            b, s = sx.shape[:2]
-            encoded = self.encode(torch.cat([sx, qx], dim=1))  # [B, S+M, ...]
+            if type(self).encode is not MAML.encode:  # ANIL: the body, once for support and queries together
+                s = sx.shape[1]
+                encoded = self.encode(torch.cat([sx, qx], dim=1))  # [B, S+M, ...]
+                sx, qx = encoded[:, :s], encoded[:, s:]
             if not training:
-                encoded = encoded.detach()
+                sx, qx = sx.detach(), qx.detach()
             outputs, losses, finite = self._run_tasks(
-                encoded[:, :s], sy, encoded[:, s:], steps, first_order=not training or self._first_order_now(),
-                all_steps=msl,
+                sx, sy, qx, steps, first_order=not training or self._first_order_now(), all_steps=msl,
             )
             self._raise_nonfinite(losses.detach(), finite)
             if not training:

@@ -1,0 +1,154 @@
+"""CUDA checks: float16 mixed precision ("16-mixed") is GPU-only in Lightning, so these run where a GPU is present
+(the CI machine has none: there they are skipped and the CPU tests cover every other path). Run them with
+``python -m pytest tests/test_gpu.py`` on a CUDA machine; the README records the last such run."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import sine_data, trainer
+
+from lightning_meta import ANIL, MAML, AttentionLearner, EpisodicDataModule, MetaSGD, ProtoNet
+from lightning_meta.data import SyntheticGlyphs
+from lightning_meta.functional import inner_adapt
+from lightning_meta.models import MLP, Conv4
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (16-mixed is GPU-only)")
+
+
+def glyph_data(train_episodes=120, way=5, shot=1):
+    return EpisodicDataModule(
+        train=SyntheticGlyphs("train"), val=SyntheticGlyphs("val"), test=SyntheticGlyphs("test"),
+        n_way=way, n_shot=shot, n_query=5, meta_batch_size=4, train_episodes=train_episodes, val_episodes=16,
+        test_episodes=100, seed=0,
+    )
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full float32 convolutions and matmuls (CUDA's default TF32 rounds inputs to 10 bits)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+LEARNERS = {
+    "protonet": lambda: ProtoNet(Conv4(hidden=32), lr=2e-3),
+    "maml": lambda: MAML(Conv4(hidden=32, out_features=5), inner_lr=0.4, inner_steps=1, eval_inner_steps=3, lr=2e-3),
+    "maml-vmap": lambda: MAML(Conv4(hidden=32, out_features=5), inner_lr=0.4, task_parallel="vmap", lr=2e-3),
+    "anil": lambda: ANIL(Conv4(hidden=32, out_features=5), inner_lr=0.4, eval_inner_steps=3, lr=2e-3),
+    "metasgd": lambda: MetaSGD(Conv4(hidden=32, out_features=5), inner_lr=0.4, lr=2e-3),
+    "attention": lambda: AttentionLearner(Conv4(hidden=32), max_way=5, dim=64, depth=2, heads=4, lr=1e-3),
+}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_every_learner_trains_on_cuda_in_each_precision(name, precision):
+    torch.manual_seed(0)
+    model, dm = LEARNERS[name](), glyph_data()
+    before = trainer(accelerator="cuda", devices=1).test(model, dm, verbose=False)[0]["test/acc"]
+    t = trainer(accelerator="cuda", devices=1, precision=precision, max_epochs=3, limit_val_batches=2)
+    t.fit(model, dm)
+    assert t.precision == precision and t.strategy.root_device.type == "cuda"
+    assert torch.isfinite(t.logged_metrics["train/loss"]) and "val/acc" in t.logged_metrics
+    res = t.test(model, dm, verbose=False)[0]
+    # 5-way: chance is 20%; every learner leaves chance and improves on its untrained self
+    assert res["test/acc"] > max(before + 0.1, 0.4), (before, res)
+    assert 0 < res["test/acc_ci95"] < 0.1
+
+
+def test_float16_inner_loss_scale_keeps_small_inner_gradients_alive_under_cuda_autocast():
+    torch.manual_seed(0)
+    params = {"weight": torch.rand(1, 4, device="cuda").requires_grad_()}
+    x = torch.full((8, 4), 1e-3, device="cuda")
+
+    def forward(p, xs):
+        return F.linear(xs, p["weight"])
+
+    with torch.autocast("cuda", dtype=torch.float16), torch.no_grad():
+        target = forward(params, x).float().squeeze(-1) + 1e-5  # residual 1e-5 on every support point
+
+    def moved(scale):
+        with torch.autocast("cuda", dtype=torch.float16):
+            traj, losses, finite = inner_adapt(forward, params, x, target, 1, lambda s: {"weight": 1e3}, True, scale)
+        return (traj[-1]["weight"] - params["weight"]).abs().max().item(), bool(finite.all())
+
+    # dL/dw = 8 points * (2 * 1e-5 / 8) * 1e-3 = 2e-8, computed by a float16 matmul: below half of float16's smallest
+    # subnormal (6e-8), so it rounds to zero and the inner step is lost. Scaled by 1024 it is 2e-5 in float16,
+    # unscaled in float32, and the step moves the weights by 1e3 * 2e-8 = 2e-5.
+    unscaled, _ = moved(1.0)
+    scaled, ok = moved(1024.0)
+    assert unscaled == 0.0
+    assert ok and scaled == pytest.approx(2e-5, rel=0.05)
+
+
+def test_16_mixed_meta_gradients_agree_with_float32_on_cuda():
+    torch.manual_seed(0)
+    model = MAML(Conv4(hidden=16, out_features=3), inner_lr=0.4, inner_steps=2, inner_loss_scale=1024.0).cuda()
+    # 5-shot: 1-shot batch norm makes the meta-gradient ill-conditioned (see test_maml.py)
+    dm = glyph_data(way=3, shot=5)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader())).to("cuda")
+
+    def grads(scale, dtype=None):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model.training_step(batch, 0)
+        (loss * scale).backward()  # outside autocast, as Lightning runs it; scaled as its GradScaler does
+        return torch.cat([p.grad.flatten().float() / scale for p in model.parameters()])
+
+    with no_tf32():
+        full = grads(1.0)
+    # GradScaler starts at 2**16 and halves the scale after every step with non-finite gradients
+    scale = 2.0**16
+    half = grads(scale, torch.float16)
+    while not torch.isfinite(half).all() and scale >= 1:
+        scale /= 2
+        half = grads(scale, torch.float16)
+    assert scale >= 1, "no outer loss scale gave finite float16 meta-gradients"
+    cosine = F.cosine_similarity(full, half, dim=0).item()
+    print(f"16-mixed vs float32 meta-gradient: cosine {cosine:.4f} at outer loss scale {scale:.0f}")
+    assert cosine > 0.99
+
+
+def test_maml_sinusoid_converges_under_16_mixed_on_cuda():
+    torch.manual_seed(0)
+    model = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, inner_steps=1, lr=3e-3)
+    dm = sine_data(meta_batch_size=25, train_episodes=25 * 300, test_episodes=100)
+    before = trainer(accelerator="cuda", devices=1).test(model, dm, verbose=False)[0]["test/mse"]
+    t = trainer(accelerator="cuda", devices=1, max_epochs=1, precision="16-mixed", limit_val_batches=0)
+    t.fit(model, dm)
+    assert model._loss_scale() == 1024.0
+    after = t.test(model, dm, verbose=False)[0]["test/mse"]
+    assert after < 0.6 * before, (before, after)
+
+
+def test_vmap_and_loop_agree_for_convolutional_maml_on_cuda():
+    torch.manual_seed(0)
+    net = Conv4(hidden=16, out_features=5)
+    dm = glyph_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader())).to("cuda")
+    with no_tf32():
+        outs = [MAML(copy.deepcopy(net), inner_lr=0.4, task_parallel=tp).cuda()(batch) for tp in ("vmap", "loop")]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_checkpoint_trained_on_cuda_in_16_mixed_predicts_the_same_on_cpu(tmp_path):
+    torch.manual_seed(0)
+    model, dm = ProtoNet(Conv4(hidden=32), lr=2e-3), glyph_data(train_episodes=40)
+    t = trainer(accelerator="cuda", devices=1, precision="16-mixed", limit_val_batches=2, default_root_dir=tmp_path)
+    t.fit(model, dm)
+    path = tmp_path / "gpu.ckpt"
+    t.save_checkpoint(path)
+    loaded = ProtoNet.load_from_checkpoint(path, backbone=Conv4(hidden=32), map_location="cpu")
+    batch = next(iter(dm.val_dataloader()))
+    model.cpu().eval(), loaded.eval()  # Lightning moves the model back to the CPU after fit
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), model(batch))
