@@ -39,13 +39,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     L.seed_everything(0, verbose=False)
-    net = MLP(1, (40, 40), 1)
-    if args.init == "reference":
-        for layer in net.modules():
-            if isinstance(layer, torch.nn.Linear):
-                torch.nn.init.trunc_normal_(layer.weight, std=0.01, a=-0.02, b=0.02)
-                torch.nn.init.zeros_(layer.bias)
-    model = MAML(net, inner_lr=0.01, inner_steps=1, eval_inner_steps=1, lr=1e-3)
+    model = MAML(MLP(1, (40, 40), 1, init=args.init), inner_lr=0.01, inner_steps=1, eval_inner_steps=1, lr=1e-3)
     train = EpisodicDataModule(train=Sinusoid(), n_way=1, n_shot=10, n_query=10, meta_batch_size=25,
                                train_episodes=25 * 1000, seed=0)
     trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -297,3 +297,15 @@ def test_maml_plus_plus_per_step_rates_multi_step_loss_and_order_annealing():
     assert w.sum().item() == pytest.approx(1.0) and w[-1] > w[0]
     assert not model._first_order_now()  # epoch 3 >= first_order_epochs
     assert model.inner_lrs["head__weight"].ne(0.2).any()  # the per-step rates were learned
+
+
+def test_reference_mlp_initialization_follows_the_maml_authors_code():
+    torch.manual_seed(0)
+    net = MLP(1, (40, 40), 1, init="reference")
+    weights = [m.weight for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(w.abs().max() <= 0.02 for w in weights) and all(torch.equal(b, torch.zeros_like(b)) for b in biases)
+    assert 0.007 < torch.cat([w.flatten() for w in weights]).std() < 0.011  # std 0.01 truncated at 2 std: 0.0088
+    assert MLP(1, (40, 40), 1).features[1].weight.abs().max() > 0.1  # PyTorch's default is far wider
+    with pytest.raises(ValueError, match="Expected `init` to be 'torch' or 'reference', but got 'xavier'"):
+        MLP(1, (40,), 1, init="xavier")

@@ -140,6 +140,8 @@ class MetaLearner(L.LightningModule):
     def _log_step(self, batch: Episode, outputs: Tensor, loss: Tensor, stage: str) -> None:
         regression = batch.is_regression
         self._regression = regression
+        if stage == "train" and self._trainer is None:
+            return  # a bare training_step call (tests, notebooks, benchmarks) has nowhere to log
         per_task = per_task_loss(outputs, batch.query_y)
         value = per_task if regression else episode_accuracy(outputs, batch.query_y)
         b = batch.num_tasks
@@ -147,7 +149,7 @@ class MetaLearner(L.LightningModule):
         if stage != "train":
             self.metrics[f"{stage}_value"].update(value)
             self.losses[f"{stage}_loss"].update(per_task)
-        elif self._trainer is not None:  # a bare training_step call (tests, notebooks) has nowhere to log
+        else:
             self.log("train/loss", loss, prog_bar=True, batch_size=b)
             self.log(f"train/{name}", value.mean(), prog_bar=True, batch_size=b)
 
