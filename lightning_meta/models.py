@@ -64,8 +64,7 @@ class MLP(_Backbone):
     """Fully connected ReLU network (the MAML paper's sinusoid regressor is ``MLP(1, (40, 40), 1)``).
 
     ``init="reference"`` initialises as the MAML authors' code does (weights ~ truncated normal with std 0.01, zero
-    biases). For sinusoid MAML it matters at test time: with PyTorch's default initialization the trained network
-    adapts well in one step but 10 steps at inner lr 0.01 blow up on a few tasks (``benchmarks/maml_sinusoid.py``).
+    biases) instead of PyTorch's default.
 
     Example:
         >>> MLP(1, (40, 40), 1)(torch.zeros(10, 1)).shape

@@ -309,3 +309,14 @@ def test_reference_mlp_initialization_follows_the_maml_authors_code():
     assert MLP(1, (40, 40), 1).features[1].weight.abs().max() > 0.1  # PyTorch's default is far wider
     with pytest.raises(ValueError, match="Expected `init` to be 'torch' or 'reference', but got 'xavier'"):
         MLP(1, (40,), 1, init="xavier")
+
+
+def test_vmap_and_loop_agree_for_batch_norm_convnets_in_outputs_and_meta_gradients():
+    # on a GPU `auto` runs convnets under vmap (one autograd call per inner step for all tasks); on a CPU as a loop
+    torch.manual_seed(0)
+    net = Conv4(hidden=8, out_features=3)
+    ep = Episode(torch.rand(3, 6, 1, 28, 28), torch.arange(3).repeat_interleave(2).repeat(3, 1),
+                 torch.rand(3, 6, 1, 28, 28), torch.arange(3).repeat_interleave(2).repeat(3, 1))
+    models = [MAML(copy.deepcopy(net), inner_lr=0.4, inner_steps=2, task_parallel=tp) for tp in ("vmap", "loop")]
+    torch.testing.assert_close(models[0](ep), models[1](ep), atol=1e-5, rtol=1e-4)
+    assert_grads_close(our_meta_grads(models[0], ep), our_meta_grads(models[1], ep), atol=1e-5)
