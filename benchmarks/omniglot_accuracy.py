@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from lightning_meta import MAML, AttentionLearner, EpisodicDataModule, ProtoNet
-from lightning_meta.data import Omniglot
+from lightning_meta.data import Omniglot, RandomShift
 from lightning_meta.models import Conv4
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--train-way", type=int, default=None, help="ways of a training episode (default: the learner's)")
     p.add_argument("--train-query", type=int, default=None, help="queries per class in training")
     p.add_argument("--meta-batch", type=int, default=None, help="episodes per meta-step")
+    p.add_argument("--shift", type=int, default=0, help="augment training images: RandomShift(max_shift=SHIFT)")
     args = p.parse_args()
     L.seed_everything(0, verbose=False)
     rot = (0, 90, 180, 270)
@@ -66,7 +67,7 @@ def main() -> None:
         model.hparams.lr_scheduler = "cosine"
     dm = EpisodicDataModule(train, val, None, n_way=5, n_shot=1, n_query=15, train_way=way, train_shot=shot,
                             train_query=query, meta_batch_size=batch, train_episodes=200 * batch, val_episodes=100,
-                            seed=0)
+                            seed=0, train_transform=RandomShift(args.shift) if args.shift else None)
     budget = {"max_steps": args.steps} if args.steps else {"max_time": {"minutes": args.minutes}}
     trainer = L.Trainer(**budget, max_epochs=10_000, logger=False, accelerator=args.accelerator,
                         precision=args.precision,
@@ -76,7 +77,8 @@ def main() -> None:
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     print(f"{args.learner}: trained {trainer.global_step} meta-steps ({trainer.current_epoch} epochs) in "
           f"{wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min on {torch.get_num_threads()} threads "
-          f"({args.accelerator}, {args.precision}; {way}-way 1-shot {query}-query, meta-batch {batch})")
+          f"({args.accelerator}, {args.precision}; {way}-way 1-shot {query}-query, meta-batch {batch}, "
+          f"shift {args.shift})")
     for n_way in (5, 20):
         if args.learner == "maml" and n_way != 5:
             continue

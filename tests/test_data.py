@@ -355,3 +355,47 @@ def test_real_omniglot_small_splits_load_with_disjoint_alphabets():
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     assert batch.support_x.shape == (1, 20, 1, 28, 28) and batch.query_y.shape == (1, 300)
+
+
+def test_random_shift_translates_each_image_by_at_most_the_bound_and_is_seeded():
+    from lightning_meta.data import RandomShift
+
+    x = torch.zeros(2, 50, 1, 11, 11)
+    x[..., 5, 5] = 1.0  # one lit pixel in the middle of every image
+    out = RandomShift(2)(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.equal(out.sum((-1, -2)), x.sum((-1, -2)))  # moved, never lost
+    where = out.flatten(0, 2).flatten(1).argmax(1)
+    dy, dx = where // 11 - 5, where % 11 - 5
+    assert dy.abs().max() == 2 and dx.abs().max() == 2 and len(set(zip(dy.tolist(), dx.tolist()))) > 15
+    assert torch.equal(out, RandomShift(2)(x, torch.Generator().manual_seed(0)))
+    assert not torch.equal(out, RandomShift(2)(x, torch.Generator().manual_seed(1)))
+    assert torch.equal(RandomShift(0)(x, torch.Generator()), x)
+    with pytest.raises(ValueError, match=r"RandomShift needs images \[..., C, H, W\], but the episode inputs have "
+                                         r"shape \(4, 10\)"):
+        RandomShift(2)(torch.zeros(4, 10), torch.Generator())
+    with pytest.raises(ValueError, match="Expected `max_shift` to be an integer >= 0, but got -1"):
+        RandomShift(-1)
+
+
+def test_train_transform_augments_training_episodes_reproducibly_and_never_evaluation():
+    from lightning_meta.data import RandomShift
+
+    def data(transform, workers=0):
+        dm = EpisodicDataModule(train=SyntheticGlyphs("train", num_classes=10, samples_per_class=4),
+                                val=SyntheticGlyphs("val", num_classes=6, samples_per_class=4), n_way=3, n_shot=1,
+                                n_query=2, meta_batch_size=2, train_episodes=8, val_episodes=4, seed=3,
+                                num_workers=workers, train_transform=transform)
+        dm.setup("fit")
+        return [b for b in dm.train_dataloader()], [b for b in dm.val_dataloader()]
+
+    plain_train, plain_val = data(None)
+    train, val = data(RandomShift(3))
+    again, _ = data(RandomShift(3), workers=2)
+    for p, a, b in zip(plain_train, train, again):
+        assert torch.equal(p.support_y, a.support_y) and not torch.equal(p.support_x, a.support_x)  # same episodes, shifted
+        assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)  # pure function of position
+    for p, a in zip(plain_val, val):
+        assert torch.equal(p.support_x, a.support_x) and torch.equal(p.query_x, a.query_x)
+    with pytest.raises(TypeError, match=r"`train_transform` must be a callable \(x, generator\) -> x such as "
+                                        r"RandomShift\(3\), but got int"):
+        EpisodicDataModule(train=SyntheticGlyphs("train"), train_transform=3)

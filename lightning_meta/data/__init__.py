@@ -11,6 +11,7 @@ from lightning_meta.data.datasets import (
 from lightning_meta.data.episode import Episode
 from lightning_meta.data.interop import learn2learn_tasksets
 from lightning_meta.data.tasks import TaskDistribution
+from lightning_meta.data.transforms import RandomShift
 
 __all__ = ["CachedImageDataset", "ClassFolder", "Episode", "EpisodicDataModule", "MiniImageNet", "Omniglot",
-           "Sinusoid", "SyntheticGlyphs", "TaskDistribution", "TensorClassDataset", "learn2learn_tasksets"]
+           "RandomShift", "Sinusoid", "SyntheticGlyphs", "TaskDistribution", "TensorClassDataset", "learn2learn_tasksets"]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Optional, Union
 
 import lightning as L
+import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from lightning_meta._checks import check_int
@@ -20,9 +23,11 @@ Source = Union[Dataset, TaskDistribution]
 class _EpisodeStream(IterableDataset):
     """Meta-batches of one stream for one rank; each worker serves every ``num_workers``-th step."""
 
-    def __init__(self, sampler, stream: str, episodes: int, meta_batch: int, world: int, rank: int) -> None:
+    def __init__(self, sampler, stream: str, episodes: int, meta_batch: int, world: int, rank: int,
+                 transform: Optional[Callable] = None, seed: int = 0) -> None:
         self.sampler, self.stream, self.episodes, self.meta_batch = sampler, stream, episodes, meta_batch
         self.world, self.rank = world, rank
+        self.transform, self.seed = transform, seed
         self.epoch, self.start = 0, 0
 
     def step_indices(self, step: int) -> list[int]:
@@ -45,7 +50,14 @@ class _EpisodeStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch if self.stream == "train" else 0
         for step in range(self.start + worker, len(self), workers):
-            yield self.sampler.batch(self.stream, epoch, self.step_indices(step))
+            indices = self.step_indices(step)
+            batch = self.sampler.batch(self.stream, epoch, indices)
+            if self.transform is not None:  # its randomness: a pure function of (seed, epoch, first episode)
+                state = np.random.SeedSequence([self.seed, epoch, indices[0], 0x5A17]).generate_state(2)
+                g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+                batch = Episode(self.transform(batch.support_x, g), batch.support_y,
+                                self.transform(batch.query_x, g), batch.query_y)
+            yield batch
 
 
 class _EpisodeLoader(DataLoader):
@@ -87,6 +99,9 @@ class EpisodicDataModule(L.LightningDataModule):
             test episodes are the same on every run, epoch, rank count and worker count.
         num_workers: DataLoader workers (episodes do not depend on it).
         eval_meta_batch_size: tasks per evaluation batch (defaults to ``meta_batch_size``).
+        train_transform: augmentation of training inputs, ``(x [B, n, ...], generator) -> x`` (e.g.
+            :class:`~lightning_meta.data.RandomShift`), drawn from a generator that is a pure function of (seed, epoch,
+            position), so augmented runs are reproducible and resume exactly. Evaluation episodes are never augmented.
 
     Under DDP each rank draws distinct episodes: at step ``s`` rank ``r`` takes global episodes
     ``(s*W + r)*B ... (s*W + r + 1)*B - 1``, so the union over ranks is what one process with ``B*W`` draws.
@@ -121,8 +136,13 @@ class EpisodicDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         eval_meta_batch_size: Optional[int] = None,
+        train_transform: Optional[Callable] = None,
     ) -> None:
         super().__init__()
+        if train_transform is not None and not callable(train_transform):
+            raise TypeError(f"`train_transform` must be a callable (x, generator) -> x such as RandomShift(3), but got "
+                            f"{type(train_transform).__name__}.")
+        self.train_transform = train_transform
         for name, minimum in (
             ("n_way", 1), ("n_shot", 1), ("n_query", 1), ("meta_batch_size", 1), ("train_episodes", 1),
             ("val_episodes", 1), ("test_episodes", 1), ("seed", 0), ("num_workers", 0),
@@ -229,7 +249,8 @@ class EpisodicDataModule(L.LightningDataModule):
         world, rank = self._world()
         batch = self.meta_batch_size if stream == "train" else self.eval_meta_batch_size
         episodes = self.episodes[stream]
-        stream_ds = _EpisodeStream(self.samplers[stream], stream, episodes, batch, world, rank)
+        transform = self.train_transform if stream == "train" else None
+        stream_ds = _EpisodeStream(self.samplers[stream], stream, episodes, batch, world, rank, transform, self.seed)
         return _EpisodeLoader(stream_ds, self.num_workers, self.pin_memory, self if stream == "train" else None)
 
     def train_dataloader(self) -> DataLoader:
