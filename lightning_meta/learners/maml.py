@@ -166,7 +166,7 @@ class MAML(MetaLearner):
 
     @property
     def use_vmap(self) -> bool:
-        """Whether the tasks of a meta-batch run under one ``vmap`` (else a loop). ``auto``: on a GPU always (10.7x
+        """Whether the tasks of a meta-batch run under one ``vmap`` (else a loop). ``auto``: on a GPU always (14.9x
         the loop's speed for Conv4 on an H100, ``benchmarks/bench_gpu.py``); on a CPU only for networks without
         convolutions, whose vmapped form is slower there than a loop."""
         if self.task_parallel != "auto":
