@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Optional
 
-import lightning as L
 import torch
 
 from lightning_meta._checks import check_int
 from lightning_meta.callbacks._images import figure_dir, matplotlib, save_and_log
+from lightning_meta.callbacks._tasks import ValidationTasks
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional.episode import episode_accuracy, per_task_loss
 
@@ -19,7 +19,7 @@ def _first_shots(t: torch.Tensor, n_way: int, k: int, s: int) -> torch.Tensor:
     return t.view(t.shape[0], n_way, k, *t.shape[2:])[:, :, :s].flatten(1, 2)
 
 
-class AdaptationCurve(L.Callback):
+class AdaptationCurve(ValidationTasks):
     """After validation, measure a few validation episodes: query accuracy (MSE for regression) against the number of
     support shots 1..K for every learner, and after each inner step 0..S for MAML-family learners. The curves are
     saved as ``adaptation/epochNNN.png`` next to the logs, logged as the image ``val/adaptation_curve`` where the
@@ -40,25 +40,14 @@ class AdaptationCurve(L.Callback):
     def __init__(self, num_episodes: int = 16, shots: Optional[Sequence[int]] = None, every_n_epochs: int = 1) -> None:
         check_int("num_episodes", num_episodes, 1)
         check_int("every_n_epochs", every_n_epochs, 1)
+        super().__init__()
         self.num_episodes, self.shots, self.every_n_epochs = num_episodes, shots, every_n_epochs
         self.history: list[dict[str, Any]] = []
-        self._tasks: list[Episode] = []
-
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._tasks = []
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        batch = Episode(*batch)
-        for i in range(batch.num_tasks):
-            if len(self._tasks) < self.num_episodes:
-                self._tasks.append(Episode(*(t[i].detach().clone() for t in batch)))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not self._tasks or trainer.current_epoch % self.every_n_epochs:
+        batch = self.collected(trainer)
+        if batch is None:
             return
-        if not trainer.is_global_zero:
-            return
-        batch = Episode(*(torch.stack(f) for f in zip(*self._tasks)))
         regression = batch.is_regression
         n_way = 1 if regression else int(batch.support_y.max()) + 1
         k = batch.support_y.shape[1] // n_way

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
-import torch
-
 from lightning_meta._checks import check_int
 from lightning_meta.callbacks._images import figure_dir, matplotlib, save_and_log
+from lightning_meta.callbacks._tasks import ValidationTasks
 from lightning_meta.data.episode import Episode
 
 
-class EpisodeGrid(L.Callback):
+class EpisodeGrid(ValidationTasks):
     """After validation, draw the first ``num_episodes`` validation episodes: the support images with their labels,
     then up to ``max_queries`` queries titled ``predicted/true`` (green when right, red when wrong). Saved as
     ``episodes/epochNNN.png`` next to the logs and logged as the image ``val/episodes`` where the logger takes
@@ -28,27 +26,17 @@ class EpisodeGrid(L.Callback):
         for name, value in (("num_episodes", num_episodes), ("max_queries", max_queries),
                             ("every_n_epochs", every_n_epochs)):
             check_int(name, value, 1)
+        super().__init__()
         self.num_episodes, self.max_queries, self.every_n_epochs = num_episodes, max_queries, every_n_epochs
         self.saved: list[str] = []
-        self._tasks: list[Episode] = []
 
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._tasks = []
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        batch = Episode(*batch)
-        if batch.is_regression or batch.support_x.dim() != 5 or batch.support_x.shape[2] not in (1, 3):
-            return
-        for i in range(batch.num_tasks):
-            if len(self._tasks) < self.num_episodes:
-                self._tasks.append(Episode(*(t[i].detach().clone() for t in batch)))
+    def keeps(self, batch: Episode) -> bool:
+        return not batch.is_regression and batch.support_x.dim() == 5 and batch.support_x.shape[2] in (1, 3)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not self._tasks or trainer.current_epoch % self.every_n_epochs:
+        batch = self.collected(trainer)
+        if batch is None:
             return
-        if not trainer.is_global_zero:
-            return
-        batch = Episode(*(torch.stack(f) for f in zip(*self._tasks)))
         was_training = pl_module.training
         pl_module.eval()
         predictions = pl_module.forward_episode(batch).argmax(-1).cpu()
@@ -56,8 +44,8 @@ class EpisodeGrid(L.Callback):
         plt = matplotlib()
         s, q = batch.support_x.shape[1], min(batch.query_x.shape[1], self.max_queries)
         cols = max(s, q)
-        fig, axes = plt.subplots(2 * len(self._tasks), cols, figsize=(1.2 * cols, 2.6 * len(self._tasks)), squeeze=False)
-        for e in range(len(self._tasks)):
+        fig, axes = plt.subplots(2 * batch.num_tasks, cols, figsize=(1.2 * cols, 2.6 * batch.num_tasks), squeeze=False)
+        for e in range(batch.num_tasks):
             for j in range(cols):
                 for row, images in enumerate((batch.support_x[e], batch.query_x[e])):
                     ax = axes[2 * e + row, j]
