@@ -21,6 +21,7 @@ def scaled_grad(
 
     Under float16 autocast small inner-loop gradients underflow to zero; scaling the loss before the backward pass
     and dividing the float32 gradients after keeps them. Returns ``(grads, loss)``; never touches ``.grad``.
+    ``loss_fn`` may return a vector of independent task losses: their sum is differentiated and the vector returned.
 
     ``create_graph=None`` uses ``torch.func.grad`` (composable with ``vmap``; differentiable for the outer loop).
     ``True``/``False`` uses ``torch.autograd.grad`` with that ``create_graph``: the same numbers with less per-call
@@ -35,7 +36,8 @@ def scaled_grad(
 
     def scaled(p: Params) -> tuple[Tensor, Tensor]:
         loss = loss_fn(p)
-        return loss * scale if scale != 1.0 else loss, loss
+        total = loss if loss.dim() == 0 else loss.sum()  # per-task losses: their sum, task by task exact
+        return total * scale if scale != 1.0 else total, loss
 
     if create_graph is None:
         grads, loss = torch.func.grad(scaled, has_aux=True)(params)
@@ -146,11 +148,8 @@ def inner_adapt_batched(
     """
     trajectory, losses, finite = [params], [], []
     for step in range(steps):
-        task_losses = per_task_loss(forward(params, support_x), support_y)  # [B]
-        total = task_losses.sum()
-        values = torch.autograd.grad(total * loss_scale if loss_scale != 1.0 else total, list(params.values()),
-                                     create_graph=not first_order)
-        grads = {k: g.float() / loss_scale if loss_scale != 1.0 else g for k, g in zip(params, values)}
+        grads, task_losses = scaled_grad(lambda p: per_task_loss(forward(p, support_x), support_y), params,
+                                         loss_scale, create_graph=not first_order)  # task_losses [B]
         rates = learning_rates(step)
         params = {k: _sgd_step(p, rates[k], grads[k]) for k, p in params.items()}
         trajectory.append(params)
