@@ -21,6 +21,7 @@ import torch
 
 from lightning_meta import MAML, Episode, EpisodicDataModule
 from lightning_meta.data import Sinusoid
+from lightning_meta.functional import per_task_loss
 from lightning_meta.models import MLP
 
 
@@ -75,15 +76,18 @@ def task_errors(model: MAML, data: EpisodicDataModule) -> torch.Tensor:
     diverged (the meta-batch is then re-run task by task to find it)."""
     data.setup("test")
     model.eval()
+
+    def mse(batch: Episode) -> torch.Tensor:
+        return per_task_loss(model(batch), batch.query_y).detach()
+
     errors = []
     for b in data.test_dataloader():
         try:
-            errors.append(((model(b).squeeze(-1) - b.query_y) ** 2).mean(-1).detach())
+            errors.append(mse(b))
         except FloatingPointError:
             for t in range(b.num_tasks):
-                one = Episode(*(x[t : t + 1] for x in b))
                 try:
-                    errors.append(((model(one).squeeze(-1) - one.query_y) ** 2).mean(-1).detach())
+                    errors.append(mse(Episode(*(x[t : t + 1] for x in b))))
                 except FloatingPointError:
                     errors.append(torch.tensor([float("inf")]))
     return torch.cat(errors)
