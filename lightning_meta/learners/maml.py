@@ -41,15 +41,14 @@ def _norm_input_in_weight_dtype(module: nn.Module, args: tuple) -> tuple:
 
 
 @contextlib.contextmanager
-def _norms_in_float32(module: nn.Module):
-    """Under autocast, batch norm in the inner loop takes its input in its weights' dtype (float32): its double
-    backward (second-order MAML) returns NaN for float16 inputs, and its batching rule under ``vmap`` rejects a
-    reduced-precision input with float32 weights. Convolutions and matmuls still run in reduced precision."""
-    if not _autocast_enabled():
+def _norms_in_float32(norms: list[nn.Module]):
+    """Under autocast, the batch norms ``norms`` of the inner loop take their input in their weights' dtype (float32):
+    batch norm's double backward (second-order MAML) returns NaN for float16 inputs, and its batching rule under
+    ``vmap`` rejects a reduced-precision input with float32 weights. Convolutions and matmuls stay reduced."""
+    if not norms or not _autocast_enabled():
         yield
         return
-    handles = [m.register_forward_pre_hook(_norm_input_in_weight_dtype) for m in module.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_pre_hook(_norm_input_in_weight_dtype) for m in norms]
     try:
         yield
     finally:
@@ -149,6 +148,7 @@ class MAML(MetaLearner):
         self.task_parallel = task_parallel
         self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
         self._batched_forward = batched_chain(module)  # a fast vmap replacement for linear/activation chains
+        self._norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         learned = learn_inner_lr or per_step_lr or self.meta_sgd
         self.inner_lrs = nn.ParameterDict()
         if learned:
@@ -221,7 +221,7 @@ class MAML(MetaLearner):
             chosen = trajectory[1:] if all_steps else trajectory[-1:]
             return trajectory[:1] + chosen if include_initial else chosen
 
-        with _norms_in_float32(module):
+        with _norms_in_float32(self._norms):
             if self.use_vmap:  # every task at once: vmapped forwards, one autograd call per inner step
                 batched = {n: p.expand(sx.shape[0], *p.shape) for n, p in params.items()}
                 forward_all = self._batched_forward or torch.func.vmap(forward, randomness="different")
