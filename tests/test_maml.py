@@ -320,3 +320,59 @@ def test_vmap_and_loop_agree_for_batch_norm_convnets_in_outputs_and_meta_gradien
     models = [MAML(copy.deepcopy(net), inner_lr=0.4, inner_steps=2, task_parallel=tp) for tp in ("vmap", "loop")]
     torch.testing.assert_close(models[0](ep), models[1](ep), atol=1e-5, rtol=1e-4)
     assert_grads_close(our_meta_grads(models[0], ep), our_meta_grads(models[1], ep), atol=1e-5)
+
+
+def _overflowing_metasgd(**kwargs):
+    """Task 1's support gradient for the hidden bias is finite (22) but its learned rate (1e38) overflows the update
+    to -inf; behind the ReLU the query outputs stay finite, so only a check of the adapted parameters catches it.
+    Task 0's support target makes its gradient exactly zero."""
+    model = MetaSGD(MLP(1, (1,), 1), inner_lr=1.0, **kwargs)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.fill_(1.0)
+        for name, rate in model.inner_lrs.items():
+            rate.fill_(1e38 if name == "features__1__bias" else 0.0)
+    sy = torch.tensor([[2.0] * 3, [-10.0] * 3])
+    return model, Episode(torch.zeros(2, 3, 1), sy, torch.linspace(-1, 1, 8).view(2, 4, 1), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("task_parallel", ["vmap", "loop"])
+def test_an_overflowing_inner_update_is_caught_even_when_the_query_outputs_stay_finite(task_parallel, monkeypatch):
+    model, ep = _overflowing_metasgd(task_parallel=task_parallel)
+    with pytest.raises(FloatingPointError, match=r"non-finite at inner step 0 of task 1 in the meta-batch \(loss 144"):
+        model.forward_episode(ep)
+    monkeypatch.setattr(MAML, "_raise_nonfinite", lambda self, losses, finite: False)
+    assert torch.isfinite(model.forward_episode(ep)).all()  # what a check of the outputs alone would have let pass
+
+
+def test_skip_mode_skips_a_meta_batch_whose_inner_loop_went_non_finite():
+    model, ep = _overflowing_metasgd(nonfinite="skip")
+    with pytest.warns(UserWarning, match=r"Skipped meta-batch at global step 0: the meta-loss is nan"):
+        assert model.training_step(ep, 0) is None
+
+
+@pytest.mark.parametrize("task_parallel", ["vmap", "loop"])
+def test_the_first_non_finite_inner_step_and_task_are_named_exactly(task_parallel):
+    # linear regression; task 2's inputs are 1e10: its first step is finite (loss ~1e20, weight -> ~-2e17 w) and
+    # its second support loss (~4e54 w^2) overflows float32
+    torch.manual_seed(0)
+    model = MAML(MLP(1, (), 1), inner_lr=1e-3, inner_steps=3, task_parallel=task_parallel)
+    sx = torch.rand(3, 5, 1)
+    sx[2] *= 1e10
+    ep = Episode(sx, torch.rand(3, 5), torch.rand(3, 4, 1), torch.rand(3, 4))
+    with pytest.raises(FloatingPointError, match=r"non-finite at inner step 1 of task 2 in the meta-batch"):
+        model.training_step(ep, 0)
+
+
+def test_huge_but_finite_values_are_not_mistaken_for_non_finite():
+    # the quick finiteness checks sum whole tensors: 3e38 + 3e38 overflows that sum, and the exact check must clear it
+    model = MAML(MLP(1, (4,), 1), inner_lr=1e-3, task_parallel="vmap")
+    sx = torch.full((2, 3, 1), 3e38)
+    model.check_episode(Episode(sx, torch.zeros(2, 3), torch.zeros(2, 2, 1), torch.zeros(2, 2)))  # no error
+    with torch.no_grad():  # hidden units all 0, so the huge head weights do not reach the outputs or the losses
+        for p in model.backbone.features.parameters():
+            p.zero_()
+        model.backbone.head.weight.fill_(3e38)
+    _, losses, finite = model._run_tasks(torch.zeros(2, 3, 1), torch.zeros(2, 3), torch.zeros(2, 2, 1), 1,
+                                         first_order=True, all_steps=False)
+    assert torch.isfinite(losses).all() and finite.all()

@@ -208,7 +208,7 @@ class MAML(MetaLearner):
     def _run_tasks(self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int, first_order: bool, all_steps: bool,
                    include_initial: bool = False):
         """Adapt to every task and predict its queries: ``(outputs [B, T, M, ...], inner losses [B, steps],
-        finite gradients [B, steps])`` with T = steps when ``all_steps`` else 1 (plus the unadapted prediction first
+        finite steps [B, steps])`` with T = steps when ``all_steps`` else 1 (plus the unadapted prediction first
         when ``include_initial``)."""
         module = self._adapted_module()
         params = {n: p for n, p in module.named_parameters() if n in self._adapted_names}
@@ -238,17 +238,20 @@ class MAML(MetaLearner):
             results = [task(sx[i], sy[i], qx[i]) for i in range(sx.shape[0])]
             return tuple(torch.stack(r) for r in zip(*results))
 
-    def _raise_nonfinite(self, losses: Tensor, finite: Tensor) -> None:
+    def _raise_nonfinite(self, losses: Tensor, finite: Tensor) -> bool:
+        """Raise naming the first non-finite inner step and task; with ``nonfinite="skip"`` in training, return
+        True instead (the meta-loss is then made NaN, so the base class skips the meta-batch with a warning)."""
         bad = (~torch.isfinite(losses)) | (~finite)
         if bad.any():
             task, step = (int(i) for i in bad.nonzero()[0])
             if self.hparams.get("nonfinite", "raise") == "skip" and self.training:
-                return  # the meta-loss is non-finite too: the base class skips the meta-batch with a warning
+                return True  # the query outputs may still be finite (a -inf bias behind a ReLU): never train on it
             raise FloatingPointError(
-                f"MAML inner loop: the support loss or its gradient became non-finite at inner step {step} of task "
-                f"{task} in the meta-batch (loss {losses[task, step].item()}). Lower `inner_lr`, use "
-                "`inner_loss_scale` under float16, or check the inputs."
+                f"MAML inner loop: the support loss, its gradient or the adapted parameters became non-finite at inner "
+                f"step {step} of task {task} in the meta-batch (loss {losses[task, step].item()}). Lower `inner_lr`, "
+                "use `inner_loss_scale` under float16, or check the inputs."
             )
+        return False
 
     @contextlib.contextmanager
     def _grad_mode(self):
@@ -277,7 +280,8 @@ class MAML(MetaLearner):
             outputs, losses, finite = self._run_tasks(
                 sx, sy, qx, steps, first_order=not training or self._first_order_now(), all_steps=msl,
             )
-            self._raise_nonfinite(losses.detach(), finite)
+            if self._raise_nonfinite(losses.detach(), finite):
+                outputs = torch.full_like(outputs.detach(), float("nan"))  # skipped by the base class, with a warning
             if not training:
                 outputs = outputs.detach()
         self._step_outputs = outputs if msl else None
