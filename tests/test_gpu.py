@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import sine_data, trainer
+from helpers import blob_data, sine_data, trainer
 
 from lightning_meta import ANIL, MAML, AttentionLearner, EpisodicDataModule, MetaSGD, ProtoNet
 from lightning_meta.data import SyntheticGlyphs
@@ -127,6 +127,36 @@ def test_maml_sinusoid_converges_under_16_mixed_on_cuda():
     assert model._loss_scale() == 1024.0
     after = t.test(model, dm, verbose=False)[0]["test/mse"]
     assert after < 0.6 * before, (before, after)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [MAML, ANIL])
+def test_hand_written_chain_gradients_match_autograd_on_cuda(cls, dtype):
+    # the inner gradient of linear/activation chains is written out by hand (functional/batched.py): on CUDA, in
+    # each autocast dtype, the meta-gradient must be autograd's (exactly in float32; to rounding in half precision)
+    torch.manual_seed(0)
+    net = MLP(1, (40, 40), 1) if cls is MAML else MLP(8, (32, 32), 3)
+    dm = sine_data(meta_batch_size=25) if cls is MAML else blob_data(meta_batch_size=8)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader())).to("cuda")
+    scale = 1024.0 if dtype is torch.float16 else None
+    fast = cls(copy.deepcopy(net), inner_lr=0.01, inner_steps=2, task_parallel="vmap", inner_loss_scale=scale).cuda()
+    slow = cls(copy.deepcopy(net), inner_lr=0.01, inner_steps=2, task_parallel="vmap", inner_loss_scale=scale).cuda()
+    assert fast._batched_grads is not None
+    slow._batched_grads = None
+
+    def grads(model):
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model.training_step(batch, 0)
+        return torch.cat([g.flatten().float() for g in torch.autograd.grad(loss, list(model.backbone.parameters()))])
+
+    with no_tf32():
+        a, b = grads(fast), grads(slow)
+    assert torch.isfinite(a).all()
+    if dtype is None:
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    else:
+        assert F.cosine_similarity(a, b, dim=0).item() > 0.99
 
 
 def test_vmap_and_loop_agree_for_convolutional_maml_on_cuda():

@@ -1,10 +1,10 @@
 """Pure tensor functions for meta-learning (no Lightning): prototypes, distances, losses, the MAML inner loop."""
 
-from lightning_meta.functional.batched import batched_chain
+from lightning_meta.functional.batched import batched_chain, batched_chain_grads
 from lightning_meta.functional.distances import cosine_logits, squared_euclidean
 from lightning_meta.functional.episode import episode_accuracy, episode_loss, per_task_loss
 from lightning_meta.functional.inner_loop import inner_adapt, inner_adapt_batched, scaled_grad
 from lightning_meta.functional.prototypes import class_prototypes
 
-__all__ = ["batched_chain", "class_prototypes", "cosine_logits", "episode_accuracy", "episode_loss", "inner_adapt",
-           "inner_adapt_batched", "per_task_loss", "scaled_grad", "squared_euclidean"]
+__all__ = ["batched_chain", "batched_chain_grads", "class_prototypes", "cosine_logits", "episode_accuracy",
+           "episode_loss", "inner_adapt", "inner_adapt_batched", "per_task_loss", "scaled_grad", "squared_euclidean"]

@@ -1,9 +1,13 @@
-"""A fast batched forward for chains of linear layers and elementwise activations, for MAML's task-parallel path.
+"""A fast batched forward, and support-loss gradient, for chains of linear layers and elementwise activations, for
+MAML's task-parallel path.
 
 ``torch.func.vmap`` over ``functional_call`` works for any module but pays per-call costs (re-parametrising the
 module, batching rules) that dominate small networks such as the MAML paper's sinusoid MLP. For a network that is a
 chain of ``nn.Linear`` layers and elementwise modules, :func:`batched_chain` builds a forward that runs each task's
-own weights with one batched matmul per layer, the same numbers as ``vmap`` at a fraction of its overhead.
+own weights with one batched matmul per layer, the same numbers as ``vmap`` at a fraction of its overhead, and
+:func:`batched_chain_grads` the inner loop's gradient of the support loss written out layer by layer (backpropagation
+by hand, in differentiable operations, so the outer loop still differentiates through it), which saves the autograd
+engine's per-call cost of ``torch.autograd.grad(create_graph=True)`` in every inner step.
 """
 
 from __future__ import annotations
@@ -12,24 +16,47 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Identity,
                nn.Dropout)
 
+# d(loss)/d(input) of an elementwise module from d(loss)/d(output) ``d``, its input ``z`` and output ``h``: the
+# formulas of PyTorch's own backward functions (threshold_backward, leaky_relu_backward, tanh_backward,
+# sigmoid_backward). Modules not listed here (GELU, Dropout, ...) make the gradient fall back to autograd.
+_DERIVATIVES: dict[type, Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]] = {
+    nn.ReLU: lambda m, d, z, h: d * (h > 0),
+    nn.LeakyReLU: lambda m, d, z, h: torch.where(z > 0, d, d * m.negative_slope),
+    nn.Tanh: lambda m, d, z, h: d * (1 - h * h),
+    nn.Sigmoid: lambda m, d, z, h: d * ((1 - h) * h),
+    nn.Identity: lambda m, d, z, h: d,
+}
+
 BatchedForward = Callable[[dict[str, Tensor], Tensor], Tensor]
+BatchedGrads = Callable[[dict[str, Tensor], Tensor, Tensor, float, bool], Optional[tuple[dict[str, Tensor], Tensor]]]
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    """``module`` runs ``cls.forward`` untouched: no subclass forward, no hooks, no parametrization."""
+    return (type(module).forward is cls.forward and not module._forward_hooks and not module._forward_pre_hooks
+            and not hasattr(module, "parametrizations"))
 
 
 def _steps(module: nn.Module, prefix: str) -> Optional[list]:
     from lightning_meta.models import _Backbone
 
     if isinstance(module, nn.Linear):
-        return [("linear", prefix, module)]
+        return [("linear", prefix, module)] if _plain(module, nn.Linear) else None
     if isinstance(module, ELEMENTWISE):
-        return [("elementwise", prefix, module)]
+        cls = next(c for c in ELEMENTWISE if isinstance(module, c))
+        return [("elementwise", prefix, module)] if _plain(module, cls) else None
     if isinstance(module, nn.Flatten):
-        return [("flatten", prefix, module)] if (module.start_dim, module.end_dim) == (1, -1) else None
+        ok = (module.start_dim, module.end_dim) == (1, -1) and _plain(module, nn.Flatten)
+        return [("flatten", prefix, module)] if ok else None
     if type(module) is nn.Sequential:
+        if module._forward_hooks or module._forward_pre_hooks:
+            return None
         children = [(name, _steps(child, f"{prefix}{name}.")) for name, child in module.named_children()]
         return None if any(s is None for _, s in children) else [step for _, s in children for step in s]
     if isinstance(module, _Backbone) and type(module).forward is _Backbone.forward:
@@ -40,10 +67,20 @@ def _steps(module: nn.Module, prefix: str) -> Optional[list]:
     return None
 
 
+def _linear(params: dict[str, Tensor], prefix: str, layer: nn.Linear, h: Tensor) -> Tensor:
+    weight = params.get(prefix + "weight", layer.weight)
+    bias = params.get(prefix + "bias", layer.bias)
+    if weight.dim() == 3 and bias is not None and bias.dim() == 2:
+        return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+    h = torch.matmul(h, weight.transpose(-1, -2))
+    return h if bias is None else h + (bias.unsqueeze(-2) if bias.dim() == 2 else bias)
+
+
 def batched_chain(module: nn.Module) -> Optional[BatchedForward]:
     """``forward(params, x)`` for task-stacked parameters (``[B, ...]``, by name as in ``module.named_parameters()``;
     names missing from ``params`` use the module's own, shared weights) and inputs ``x [B, n, ...]``, or ``None``
-    when ``module`` is not a chain of linear layers, elementwise modules and ``Flatten``.
+    when ``module`` is not a chain of plain linear layers, elementwise modules and ``Flatten`` (a subclass with its
+    own ``forward``, a hook or a parametrization also gives ``None``: only ``vmap`` runs those faithfully).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -66,14 +103,101 @@ def batched_chain(module: nn.Module) -> Optional[BatchedForward]:
             elif kind == "elementwise":
                 h = layer(h)
             else:
-                weight = params.get(prefix + "weight", layer.weight)
-                bias = params.get(prefix + "bias", layer.bias)
-                if weight.dim() == 3 and bias is not None and bias.dim() == 2:
-                    h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-                else:
-                    h = torch.matmul(h, weight.transpose(-1, -2))
-                    if bias is not None:
-                        h = h + (bias.unsqueeze(-2) if bias.dim() == 2 else bias)
+                h = _linear(params, prefix, layer, h)
         return h
 
     return forward
+
+
+def _loss_and_grad(out: Tensor, y: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Per-task losses ``[B]`` as :func:`~lightning_meta.functional.episode.per_task_loss` computes them (MSE for
+    float targets, cross-entropy for labels; each the mean over the task's n examples), and ``scale`` times the
+    gradient of their sum with respect to ``out``, in ``out``'s dtype."""
+    n = y.shape[1]
+    if y.is_floating_point():
+        squeeze = out.shape[-1] == 1 and out.dim() == y.dim() + 1
+        diff = (out.squeeze(-1) if squeeze else out).float() - y.float()
+        with torch.no_grad():
+            losses = diff.pow(2).mean(-1)
+        d = diff * (2.0 * scale / n)
+        d = d.unsqueeze(-1) if squeeze else d
+    else:
+        logits = out.float()
+        with torch.no_grad():
+            flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+            losses = flat.view(y.shape).mean(-1)
+        d = torch.softmax(logits, -1) - F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+        d = d * (scale / n)
+    return losses, d.to(out.dtype)
+
+
+def batched_chain_grads(module: nn.Module) -> Optional[BatchedGrads]:
+    """The inner step's gradients for :func:`batched_chain`'s networks, by backpropagation written out layer by
+    layer, or ``None`` when a module in the chain has no formula here (GELU, SiLU, ELU, Softplus, Dropout).
+
+    ``grads(params, x, y, scale, create_graph)`` returns ``(gradients of the summed per-task support losses with
+    respect to params, per-task losses [B])`` -- what :func:`~lightning_meta.functional.scaled_grad` returns for
+    ``per_task_loss(forward(params, x), y)`` -- or ``None`` for inputs it does not cover (a linear layer that sees
+    other than ``[B, n, features]``), where the caller falls back to autograd. The gradients are built from
+    differentiable operations, so with ``create_graph`` the outer loop differentiates through them (second order);
+    without, they are computed without a graph (first order). ``scale`` is the float16 loss scale: the backward pass
+    runs on ``scale * loss`` and the gradients are divided by ``scale`` in float32.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> params = {n: p.expand(5, *p.shape) for n, p in net.named_parameters()}
+        >>> x, y = torch.randn(5, 7, 3), torch.randint(0, 2, (5, 7))
+        >>> grads, losses = batched_chain_grads(net)(params, x, y, 1.0, False)
+        >>> from lightning_meta.functional.episode import per_task_loss
+        >>> reference = torch.autograd.grad(per_task_loss(batched_chain(net)(params, x), y).sum(), list(params.values()))
+        >>> all(torch.allclose(grads[k], g, atol=1e-6) for k, g in zip(params, reference))
+        True
+    """
+    steps = _steps(module, "")
+    if steps is None or any(kind == "elementwise" and type(layer) not in _DERIVATIVES for kind, _, layer in steps):
+        return None
+    kinds = [kind for kind, _, _ in steps if kind != "elementwise"]
+    flattens_first = bool(kinds) and kinds[0] == "flatten"
+    first_linear = next((i for i, (kind, _, _) in enumerate(steps) if kind == "linear"), None)
+
+    def grads(params: dict[str, Tensor], x: Tensor, y: Tensor, scale: float, create_graph: bool):
+        if first_linear is None or not (x.dim() == 3 or flattens_first):
+            return None
+        with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            h, saved = x, []
+            for kind, prefix, layer in steps:  # forward, keeping what the backward needs
+                if kind == "flatten":
+                    saved.append(h.shape)
+                    h = h.flatten(2)
+                elif kind == "elementwise":
+                    z, h = h, layer(h)
+                    saved.append((z, h))
+                else:
+                    saved.append(h)
+                    h = _linear(params, prefix, layer, h)
+            losses, d = _loss_and_grad(h, y, scale)
+            out: dict[str, Tensor] = {}
+            for i in range(len(steps) - 1, first_linear - 1, -1):  # backward, down to the first linear layer
+                kind, prefix, layer = steps[i]
+                if kind == "flatten":
+                    d = d.reshape(saved[i])
+                elif kind == "elementwise":
+                    d = _DERIVATIVES[type(layer)](layer, d, *saved[i])
+                else:
+                    weight = params.get(prefix + "weight", layer.weight)
+                    if prefix + "weight" in params:
+                        out[prefix + "weight"] = torch.bmm(d.transpose(1, 2), saved[i])
+                    if prefix + "bias" in params:
+                        out[prefix + "bias"] = d.sum(1)
+                    if i > first_linear:
+                        d = torch.bmm(d, weight) if weight.dim() == 3 else torch.matmul(d, weight)
+        grads = {}
+        for k, p in params.items():
+            g = out.get(k)
+            if g is None:  # a parameter the loss does not depend on
+                g = torch.zeros_like(p)
+            g = g.float() / scale if scale != 1.0 else g
+            grads[k] = g.to(p.dtype) if scale == 1.0 else g
+        return grads, losses
+
+    return grads

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from lightning_meta.functional.batched import BatchedGrads
 from lightning_meta.functional.episode import per_task_loss
 
 Params = dict[str, Tensor]
@@ -126,6 +127,7 @@ def inner_adapt_batched(
     learning_rates: LearningRates,
     first_order: bool = False,
     loss_scale: float = 1.0,
+    support_grads: Optional[BatchedGrads] = None,
 ) -> tuple[list[Params], Tensor, Tensor]:
     """:func:`inner_adapt` for a whole meta-batch at once, with one autograd call per inner step for all tasks.
 
@@ -133,7 +135,9 @@ def inner_adapt_batched(
     ``forward(params, x)`` maps ``[B, ...]`` inputs to ``[B, ...]`` outputs, each task with its own slice (usually
     ``torch.func.vmap`` of ``functional_call``). Task t's support loss depends only on slice t of the parameters, so
     the gradient of the *sum* of the task losses has task t's own gradient in slice t: exact per-task gradients,
-    second order through ``create_graph``, without nesting ``torch.func.grad`` inside ``vmap``.
+    second order through ``create_graph``, without nesting ``torch.func.grad`` inside ``vmap``. ``support_grads``
+    (:func:`~lightning_meta.functional.batched_chain_grads`) computes those gradients without the autograd engine
+    where it covers the network; where it returns ``None``, autograd does.
 
     Returns:
         ``(params after each step [steps + 1 dicts of [B, ...] tensors], inner losses [B, steps],
@@ -151,8 +155,11 @@ def inner_adapt_batched(
     """
     trajectory, losses = [params], []
     for step in range(steps):
-        grads, task_losses = scaled_grad(lambda p: per_task_loss(forward(p, support_x), support_y), params,
-                                         loss_scale, create_graph=not first_order)  # task_losses [B]
+        got = support_grads(params, support_x, support_y, loss_scale, not first_order) if support_grads else None
+        if got is None:
+            got = scaled_grad(lambda p: per_task_loss(forward(p, support_x), support_y), params, loss_scale,
+                              create_graph=not first_order)
+        grads, task_losses = got  # task_losses [B]
         rates = learning_rates(step)
         params = {k: _sgd_step(p, rates[k], grads[k]) for k, p in params.items()}
         trajectory.append(params)

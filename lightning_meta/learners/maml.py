@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from lightning_meta._checks import check_int, check_positive
 from lightning_meta.data.episode import Episode
-from lightning_meta.functional.batched import batched_chain
+from lightning_meta.functional.batched import batched_chain, batched_chain_grads
 from lightning_meta.functional.episode import per_task_loss
 from lightning_meta.functional.inner_loop import inner_adapt, inner_adapt_batched
 from lightning_meta.learners.base import MetaLearner, TaskPredictor
@@ -148,6 +148,7 @@ class MAML(MetaLearner):
         self.task_parallel = task_parallel
         self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
         self._batched_forward = batched_chain(module)  # a fast vmap replacement for linear/activation chains
+        self._batched_grads = batched_chain_grads(module) if self._batched_forward is not None else None
         self._norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         learned = learn_inner_lr or per_step_lr or self.meta_sgd
         self.inner_lrs = nn.ParameterDict()
@@ -225,8 +226,9 @@ class MAML(MetaLearner):
             if self.use_vmap:  # every task at once: vmapped forwards, one autograd call per inner step
                 batched = {n: p.expand(sx.shape[0], *p.shape) for n, p in params.items()}
                 forward_all = self._batched_forward or torch.func.vmap(forward, randomness="different")
+                grads = self._batched_grads if self._batched_forward is not None else None
                 trajectory, losses, finite = inner_adapt_batched(forward_all, batched, sx, sy, steps, rates,
-                                                                 first_order, scale)
+                                                                 first_order, scale, grads)
                 outputs = [forward_all(p, qx) for p in pick(trajectory)]
                 return (outputs[0].unsqueeze(1) if len(outputs) == 1 else torch.stack(outputs, 1)), losses, finite
 
