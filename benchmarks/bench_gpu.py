@@ -6,16 +6,25 @@ Prints the median time of a training step (forward, backward, Adam) after a warm
   protonet  Conv4, 60-way 1-shot 5-query episodes (the Omniglot training recipe)
   attention Conv4 + 2 transformer blocks (dim 128), 20-way 1-shot 5-query, meta-batch 4
   fp16      MAML float16 meta-gradients against float32 for a grid of inner and outer loss scales
+  l2l       second-order MAML against learn2learn's MAML (clone/adapt per task) on the GPU, 32-true: Conv4 as in
+            `maml` and the sinusoid; needs learn2learn's source on the path (its pure-Python MAML is loaded on its
+            own when the package's compiled parts or dependencies are missing)
 
-    python benchmarks/bench_gpu.py [--cases maml sinusoid protonet attention fp16] [--steps 20]
+    python benchmarks/bench_gpu.py [--cases maml sinusoid protonet attention fp16 l2l] [--steps 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import importlib
+import importlib.util
 import statistics
+import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -113,9 +122,67 @@ def case_fp16() -> None:
         print(f"  inner scale {inner:6.0f}  " + "  ".join(cells))
 
 
+@functools.cache
+def learn2learn_maml():
+    """learn2learn's ``MAML`` class. Its package ``__init__`` imports datasets with compiled parts and gym; the
+    algorithm itself is three pure-Python files, loaded on their own when the full import fails."""
+    try:
+        from learn2learn.algorithms import MAML as L2LMAML
+        return L2LMAML
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec("learn2learn")
+    if spec is None or spec.origin is None:
+        raise SystemExit("the l2l case needs learn2learn's source on the path (pip install learn2learn, or PYTHONPATH)")
+    root = Path(spec.origin).parent
+    for name, path in (("learn2learn", root), ("learn2learn.algorithms", root / "algorithms")):
+        stub = types.ModuleType(name)
+        stub.__path__ = [str(path)]
+        sys.modules[name] = stub
+    return importlib.import_module("learn2learn.algorithms.maml").MAML
+
+
+def l2l_step_time(net, inner_lr, data, loss_fn, warmup: int = 3) -> float:
+    maml = learn2learn_maml()(net.cuda(), lr=inner_lr, first_order=False)
+    opt = torch.optim.Adam(maml.parameters(), lr=1e-4)
+    times = []
+    for i, batch in enumerate(data):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        total = 0
+        for t in range(batch.num_tasks):
+            sx, sy, qx, qy = batch.task(t)
+            learner = maml.clone()
+            learner.adapt(loss_fn(learner(sx), sy))
+            total = total + loss_fn(learner(qx), qy)
+        (total / batch.num_tasks).backward()
+        opt.step()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def case_l2l(steps: int) -> None:
+    print("second-order MAML against learn2learn on the GPU, 32-true (ms/step):")
+    mse = lambda out, y: F.mse_loss(out.squeeze(-1), y)  # noqa: E731
+    for name, make, lr, data, loss_fn in (
+        ("Conv4 5-way 1-shot 15-query, meta-batch 32", lambda: Conv4(out_features=5), 0.4,
+         batches(SyntheticGlyphs("train"), 5, 1, 15, 32, steps, "cuda"), F.cross_entropy),
+        ("sinusoid MLP 40-40, meta-batch 25, K=10", lambda: MLP(1, (40, 40), 1), 0.01,
+         batches(Sinusoid(), 1, 10, 10, 25, steps, "cuda"), mse),
+    ):
+        torch.manual_seed(0)
+        net = make()
+        theirs = l2l_step_time(copy.deepcopy(net), lr, data, loss_fn) * 1e3
+        ours = step_time(MAML(copy.deepcopy(net), inner_lr=lr), data, "32-true") * 1e3
+        print(f"  {name}: learn2learn {theirs:7.1f}   lightning-meta {ours:7.1f}   {theirs / ours:5.1f}x learn2learn")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=["maml", "sinusoid", "protonet", "attention", "fp16"])
+    p.add_argument("--cases", nargs="+", default=["maml", "sinusoid", "protonet", "attention", "fp16", "l2l"])
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -130,6 +197,8 @@ def main() -> None:
             case_episodes(case, args.steps)
         elif case == "fp16":
             case_fp16()
+        elif case == "l2l":
+            case_l2l(args.steps)
 
 
 if __name__ == "__main__":
