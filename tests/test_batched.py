@@ -7,7 +7,8 @@ from torch import nn
 
 from lightning_meta.functional import batched_chain, batched_chain_grads, per_task_loss, scaled_grad
 
-ACTIVATIONS = [nn.ReLU(), nn.LeakyReLU(0.2), nn.Tanh(), nn.Sigmoid(), nn.Identity()]
+ACTIVATIONS = [nn.ReLU(), nn.ReLU(inplace=True), nn.LeakyReLU(0.2), nn.LeakyReLU(0.2, inplace=True), nn.Tanh(),
+               nn.Sigmoid(), nn.Identity()]
 
 
 def chain(act, flatten=False):
@@ -32,7 +33,7 @@ def reference(net, params, x, y, scale=1.0, create_graph=True):
     return scaled_grad(lambda p: per_task_loss(forward(p, x), y), params, scale, create_graph=create_graph)
 
 
-@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: type(a).__name__)
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=repr)
 @pytest.mark.parametrize("regression", [False, True])
 def test_chain_gradients_and_their_second_order_derivatives_equal_autograd(act, regression):
     net = chain(act)

@@ -22,14 +22,16 @@ from torch import Tensor, nn
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Identity,
                nn.Dropout)
 
-# d(loss)/d(input) of an elementwise module from d(loss)/d(output) ``d``, its input ``z`` and output ``h``: the
-# formulas of PyTorch's own backward functions (threshold_backward, leaky_relu_backward, tanh_backward,
-# sigmoid_backward). Modules not listed here (GELU, Dropout, ...) make the gradient fall back to autograd.
+# d(loss)/d(input) of an elementwise module from d(loss)/d(output) ``d``, its input ``z`` and output ``h``: PyTorch's
+# own backward kernels, the ones autograd runs for these modules (single fused ops, with their own derivatives for
+# the outer loop). Modules not listed here (GELU, Dropout, ...) make the gradient fall back to autograd.
+_aten = torch.ops.aten
 _DERIVATIVES: dict[type, Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]] = {
-    nn.ReLU: lambda m, d, z, h: d * (h > 0),
-    nn.LeakyReLU: lambda m, d, z, h: torch.where(z > 0, d, d * m.negative_slope),
-    nn.Tanh: lambda m, d, z, h: d * (1 - h * h),
-    nn.Sigmoid: lambda m, d, z, h: d * ((1 - h) * h),
+    nn.ReLU: lambda m, d, z, h: _aten.threshold_backward(d.to(h.dtype), h, 0),
+    nn.LeakyReLU: lambda m, d, z, h: _aten.leaky_relu_backward(d.to(h.dtype), h if m.inplace else z, m.negative_slope,
+                                                                m.inplace),
+    nn.Tanh: lambda m, d, z, h: _aten.tanh_backward(d.to(h.dtype), h),
+    nn.Sigmoid: lambda m, d, z, h: _aten.sigmoid_backward(d.to(h.dtype), h),
     nn.Identity: lambda m, d, z, h: d,
 }
 
