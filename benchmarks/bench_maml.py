@@ -1,13 +1,14 @@
 """MAML meta-step speed and memory against learn2learn, side by side in one run on the same episodes and weights.
 
-Cases (second order, 1 inner step, Adam outer step; the median of timed steps after a warm-up):
+Cases (second order, 1 inner step, Adam outer step; the median of timed steps after a warm-up, the contenders taking
+turns in blocks of steps on the same episodes):
   sinusoid  MLP 40-40, meta-batch 25, K=10 (ours: vmap over tasks, and the functional loop)
   omniglot  Conv4, 5-way 1-shot 15-query 28x28, meta-batch 32 (ours: the functional loop that `auto` picks for convs),
             with achieved GFLOP/s (torch.utils.flop_counter) beside this machine's float32 matmul GFLOP/s
   anil      the same Omniglot setup, ANIL: our body runs once per meta-batch; learn2learn's per task, as in its examples
   memory    peak resident memory added by 3 meta-steps of the Omniglot case, each contender in a fresh process
 
-    python benchmarks/bench_maml.py [--cases sinusoid omniglot anil memory] [--steps 5]
+    python benchmarks/bench_maml.py [--cases sinusoid omniglot anil memory] [--steps 5] [--every-step]
 """
 
 from __future__ import annotations
@@ -111,16 +112,24 @@ def contenders(case: str):
             "learn2learn": l2l_maml_step(copy.deepcopy(net), lr)}
 
 
-def time_case(case: str, steps: int, warmup: int = 2) -> dict[str, float]:
+def time_case(case: str, steps: int, warmup: int = 2, rounds: int = 3, every_step: bool = False) -> dict[str, float]:
+    """Median step time per contender. The contenders alternate in blocks of ``steps`` steps on the same episodes,
+    ``rounds`` times, so machine noise falls on all of them alike while each step follows a step of its own model,
+    as in training. ``every_step`` alternates after every step instead: each step then starts with the other
+    libraries' data in the caches, which costs a small network's step more than a large one's."""
     data = batches(case, steps + warmup)
     runs = contenders(case)
     times = {name: [] for name in runs}
-    for i, batch in enumerate(data):  # interleaved: every contender takes the same step, one after the other
-        for name, step in runs.items():
-            start = time.perf_counter()
+    for step in runs.values():
+        for batch in data[:warmup]:
             step(batch)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+    order = ([[(name, b)] for _ in range(rounds) for b in data[warmup:] for name in runs] if every_step else
+             [[(name, b) for b in data[warmup:]] for _ in range(rounds) for name in runs])
+    for block in order:
+        for name, batch in block:
+            start = time.perf_counter()
+            runs[name](batch)
+            times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -168,6 +177,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=["sinusoid", "omniglot", "anil", "memory"])
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--every-step", action="store_true", help="alternate the contenders after every step (see time_case)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
@@ -176,17 +186,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if "sinusoid" in args.cases:
         print("sinusoid MLP 40-40, meta-batch 25, K=10, 1 step, second order:")
-        report("sinusoid", time_case("sinusoid", max(args.steps, 20)))
+        report("sinusoid", time_case("sinusoid", max(args.steps, 20), every_step=args.every_step))
     if "omniglot" in args.cases:
         print("Omniglot Conv4 5-way 1-shot 15-query, meta-batch 32, 1 step, second order:")
-        med = time_case("omniglot", args.steps)
+        med = time_case("omniglot", args.steps, every_step=args.every_step)
         report("omniglot", med)
         gflop = gflops_of_step(batches("omniglot", 1)[0])
         print(f"  one meta-step = {gflop:.1f} GFLOP: lightning-meta achieves {gflop / med['lightning-meta']:.1f} GFLOP/s; "
               f"this machine's float32 matmul peak: {matmul_gflops():.1f} GFLOP/s")
     if "anil" in args.cases:
         print("ANIL, same Omniglot setup:")
-        report("anil", time_case("anil", args.steps))
+        report("anil", time_case("anil", args.steps, every_step=args.every_step))
     if "memory" in args.cases:
         print("peak memory added by 3 Omniglot meta-steps (fresh process each):")
         for name in ("lightning-meta", "learn2learn"):
