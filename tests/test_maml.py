@@ -277,6 +277,30 @@ def test_anil_adapts_only_the_head_and_runs_the_body_once_per_task_outside_the_i
         ANIL(torch.nn.Linear(8, 3), inner_lr=0.1)
 
 
+def test_anil_body_in_one_vmap_call_equals_the_per_task_loop():
+    # the GPU path (one vmapped body call; task_parallel="auto" there) against the CPU path (a loop over tasks): the
+    # same batch-norm statistics per task, so the same outputs and meta-gradients; under bf16 autocast both run and
+    # stay near float32
+    torch.manual_seed(0)
+    net = Conv4(hidden=8, out_features=3)
+    batch = Episode(torch.randn(4, 6, 1, 28, 28), torch.arange(3).repeat(4, 2), torch.randn(4, 6, 1, 28, 28),
+                    torch.arange(3).repeat(4, 2))
+
+    def run(body_vmap, dtype=None):
+        model = ANIL(copy.deepcopy(net), inner_lr=0.4, inner_steps=2, task_parallel="vmap" if body_vmap else "loop")
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model.training_step(batch, 0)
+        return loss, torch.autograd.grad(loss, list(model.backbone.parameters()))
+
+    (a, grads_a), (b, grads_b) = run(True), run(False)
+    torch.testing.assert_close(a, b)
+    assert_grads_close(grads_a, grads_b)
+    full = torch.cat([g.flatten() for g in grads_b])
+    for body_vmap in (True, False):  # bf16 convolutions in the loop give cosine 0.98 here; under CPU autocast vmap
+        _, grads = run(body_vmap, torch.bfloat16)  # keeps more in float32 (pytorch#192617), about 1.0
+        assert F.cosine_similarity(torch.cat([g.flatten() for g in grads]), full, dim=0) > 0.95
+
+
 def test_metasgd_learns_a_rate_per_parameter_element():
     model = MetaSGD(MLP(8, (16,), 3), inner_lr=0.2)
     assert model.inner_lrs["head__weight"].shape == (3, 16)
