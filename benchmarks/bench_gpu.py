@@ -6,9 +6,10 @@ Prints the median time of a training step (forward, backward, Adam) after a warm
   protonet  Conv4, 60-way 1-shot 5-query episodes (the Omniglot training recipe)
   attention Conv4 + 2 transformer blocks (dim 128), 20-way 1-shot 5-query, meta-batch 4
   fp16      MAML float16 meta-gradients against float32 for a grid of inner and outer loss scales
-  l2l       second-order MAML against learn2learn's MAML (clone/adapt per task) on the GPU, 32-true: Conv4 as in
-            `maml` and the sinusoid; needs learn2learn's source on the path (its pure-Python MAML is loaded on its
-            own when the package's compiled parts or dependencies are missing)
+  l2l       second-order MAML and ANIL against learn2learn's (clone/adapt per task) on the GPU, 32-true: Conv4 as
+            in `maml` and the sinusoid, with peak CUDA memory (and first-order memory); needs learn2learn's source
+            on the path (its pure-Python MAML is loaded on its own when the package's compiled parts or
+            dependencies are missing)
 
     python benchmarks/bench_gpu.py [--cases maml sinusoid protonet attention fp16 l2l] [--steps 20]
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lightning_meta import MAML, AttentionLearner, ProtoNet
+from lightning_meta import ANIL, MAML, AttentionLearner, ProtoNet
 from lightning_meta.data import Sinusoid, SyntheticGlyphs
 from lightning_meta.data.sampler import make_sampler
 from lightning_meta.models import MLP, Conv4
@@ -142,9 +143,14 @@ def learn2learn_maml():
     return importlib.import_module("learn2learn.algorithms.maml").MAML
 
 
-def l2l_step_time(net, inner_lr, data, loss_fn, warmup: int = 3) -> float:
-    maml = learn2learn_maml()(net.cuda(), lr=inner_lr, first_order=False)
-    opt = torch.optim.Adam(maml.parameters(), lr=1e-4)
+def l2l_step_time(net, inner_lr, data, loss_fn, anil: bool = False, first_order: bool = False,
+                  warmup: int = 3) -> float:
+    """learn2learn's meta-step as its examples write it: clone and adapt per task; for ANIL the body runs per task
+    on the task's support and queries, and only the head is cloned and adapted."""
+    net = net.cuda()
+    adapted = learn2learn_maml()(net.head if anil else net, lr=inner_lr, first_order=first_order)
+    params = list(net.features.parameters()) + list(adapted.parameters()) if anil else list(adapted.parameters())
+    opt = torch.optim.Adam(params, lr=1e-4)
     times = []
     for i, batch in enumerate(data):
         torch.cuda.synchronize()
@@ -153,7 +159,10 @@ def l2l_step_time(net, inner_lr, data, loss_fn, warmup: int = 3) -> float:
         total = 0
         for t in range(batch.num_tasks):
             sx, sy, qx, qy = batch.task(t)
-            learner = maml.clone()
+            if anil:
+                feats = net.features(torch.cat([sx, qx]))
+                sx, qx = feats[: len(sx)], feats[len(sx):]
+            learner = adapted.clone()
             learner.adapt(loss_fn(learner(sx), sy))
             total = total + loss_fn(learner(qx), qy)
         (total / batch.num_tasks).backward()
@@ -164,20 +173,42 @@ def l2l_step_time(net, inner_lr, data, loss_fn, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def with_peak(fn, *args, **kwargs) -> tuple[float, float]:
+    """``(fn(...), peak CUDA memory in MiB above what was allocated before)``: model, optimizer and activations."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn(*args, **kwargs)
+    return out, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def case_l2l(steps: int) -> None:
-    print("second-order MAML against learn2learn on the GPU, 32-true (ms/step):")
+    print("second-order MAML and ANIL against learn2learn on the GPU, 32-true (ms/step; peak CUDA memory):")
     mse = lambda out, y: F.mse_loss(out.squeeze(-1), y)  # noqa: E731
-    for name, make, lr, data, loss_fn in (
-        ("Conv4 5-way 1-shot 15-query, meta-batch 32", lambda: Conv4(out_features=5), 0.4,
-         batches(SyntheticGlyphs("train"), 5, 1, 15, 32, steps, "cuda"), F.cross_entropy),
-        ("sinusoid MLP 40-40, meta-batch 25, K=10", lambda: MLP(1, (40, 40), 1), 0.01,
-         batches(Sinusoid(), 1, 10, 10, 25, steps, "cuda"), mse),
+    glyphs = batches(SyntheticGlyphs("train"), 5, 1, 15, 32, steps, "cuda")
+    sines = batches(Sinusoid(), 1, 10, 10, 25, steps, "cuda")
+    for name, make, cls, lr, data, loss_fn in (
+        ("Conv4 MAML 5-way 1-shot 15-query, meta-batch 32", lambda: Conv4(out_features=5), MAML, 0.4, glyphs,
+         F.cross_entropy),
+        ("Conv4 ANIL, the same episodes", lambda: Conv4(out_features=5), ANIL, 0.4, glyphs, F.cross_entropy),
+        ("sinusoid MLP 40-40, meta-batch 25, K=10", lambda: MLP(1, (40, 40), 1), MAML, 0.01, sines, mse),
     ):
         torch.manual_seed(0)
         net = make()
-        theirs = l2l_step_time(copy.deepcopy(net), lr, data, loss_fn) * 1e3
-        ours = step_time(MAML(copy.deepcopy(net), inner_lr=lr), data, "32-true") * 1e3
-        print(f"  {name}: learn2learn {theirs:7.1f}   lightning-meta {ours:7.1f}   {theirs / ours:5.1f}x learn2learn")
+        theirs, their_mem = with_peak(l2l_step_time, copy.deepcopy(net), lr, data, loss_fn, anil=cls is ANIL)
+        ours, our_mem = with_peak(step_time, cls(copy.deepcopy(net), inner_lr=lr), data, "32-true")
+        print(f"  {name}: learn2learn {theirs * 1e3:7.1f}   lightning-meta {ours * 1e3:7.1f}   "
+              f"{theirs / ours:5.1f}x learn2learn;   memory {their_mem:7.0f} vs {our_mem:7.0f} MiB")
+    torch.manual_seed(0)
+    net = Conv4(out_features=5)
+    loop, loop_mem = with_peak(step_time, MAML(copy.deepcopy(net), inner_lr=0.4, task_parallel="loop"), glyphs,
+                               "32-true")
+    print(f"  Conv4 MAML with task_parallel='loop' (vmap trades memory for speed): {loop * 1e3:7.1f} ms, "
+          f"{loop_mem:7.0f} MiB")
+    _, theirs = with_peak(l2l_step_time, copy.deepcopy(net), 0.4, glyphs, F.cross_entropy, first_order=True)
+    _, ours = with_peak(step_time, MAML(copy.deepcopy(net), inner_lr=0.4, first_order=True), glyphs, "32-true")
+    print(f"  Conv4 MAML first order: peak memory learn2learn {theirs:7.0f} vs lightning-meta {ours:7.0f} MiB")
 
 
 def main() -> None:

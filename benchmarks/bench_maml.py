@@ -6,7 +6,8 @@ turns in blocks of steps on the same episodes):
   omniglot  Conv4, 5-way 1-shot 15-query 28x28, meta-batch 32 (ours: the functional loop that `auto` picks for convs),
             with achieved GFLOP/s (torch.utils.flop_counter) beside this machine's float32 matmul GFLOP/s
   anil      the same Omniglot setup, ANIL: our body runs once per meta-batch; learn2learn's per task, as in its examples
-  memory    peak resident memory added by 3 meta-steps of the Omniglot case, each contender in a fresh process
+  memory    peak resident memory added by 3 meta-steps of the Omniglot case, each contender in a fresh process,
+            second order and first order
 
     python benchmarks/bench_maml.py [--cases sinusoid omniglot anil memory] [--steps 5] [--every-step]
 """
@@ -56,10 +57,10 @@ def ours_step(model):
     return step
 
 
-def l2l_maml_step(net, inner_lr):
+def l2l_maml_step(net, inner_lr, first_order=False):
     import learn2learn as l2l
 
-    maml = l2l.algorithms.MAML(net, lr=inner_lr, first_order=False)
+    maml = l2l.algorithms.MAML(net, lr=inner_lr, first_order=first_order)
     opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
 
     def step(batch):
@@ -97,7 +98,7 @@ def l2l_anil_step(net, inner_lr):
     return step
 
 
-def contenders(case: str):
+def contenders(case: str, first_order: bool = False):
     torch.manual_seed(0)
     if case == "sinusoid":
         net, lr = MLP(1, (40, 40), 1), 0.01
@@ -108,8 +109,8 @@ def contenders(case: str):
     if case == "anil":
         return {"lightning-meta ANIL": ours_step(ANIL(copy.deepcopy(net), inner_lr=lr)),
                 "learn2learn ANIL": l2l_anil_step(copy.deepcopy(net), lr)}
-    return {"lightning-meta": ours_step(MAML(copy.deepcopy(net), inner_lr=lr)),
-            "learn2learn": l2l_maml_step(copy.deepcopy(net), lr)}
+    return {"lightning-meta": ours_step(MAML(copy.deepcopy(net), inner_lr=lr, first_order=first_order)),
+            "learn2learn": l2l_maml_step(copy.deepcopy(net), lr, first_order)}
 
 
 def time_case(case: str, steps: int, warmup: int = 2, rounds: int = 3, every_step: bool = False) -> dict[str, float]:
@@ -154,7 +155,8 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
 
 def memory_child(name: str) -> None:
     data = batches("omniglot", 3)
-    step = contenders("omniglot")[name]
+    library, _, order = name.partition(" ")
+    step = contenders("omniglot", first_order=order == "first-order")[library]
     before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current size: data loading is excluded
     for batch in data:
@@ -199,10 +201,10 @@ def main() -> None:
         report("anil", time_case("anil", args.steps, every_step=args.every_step))
     if "memory" in args.cases:
         print("peak memory added by 3 Omniglot meta-steps (fresh process each):")
-        for name in ("lightning-meta", "learn2learn"):
+        for name in ("lightning-meta", "learn2learn", "lightning-meta first-order", "learn2learn first-order"):
             out = subprocess.run([sys.executable, __file__, "--memory-child", name], capture_output=True, text=True)
             value = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else f"failed: {out.stderr[-300:]}"
-            print(f"  {name:24s} {value} MiB")
+            print(f"  {name:26s} {value} MiB")
 
 
 if __name__ == "__main__":
