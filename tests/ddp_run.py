@@ -42,6 +42,12 @@ def run(out: Path, devices: int, meta_batch: int) -> None:
     rec = Recorder()
     trainer = L.Trainer(max_steps=3, callbacks=[rec], limit_val_batches=0, **kw)
     trainer.fit(maml, sine_data(meta_batch_size=meta_batch, train_episodes=8 * 3))
+    L.seed_everything(0, verbose=False)  # first order on the task loop: meta-gradients taken task by task
+    streamed = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, inner_steps=2, first_order=True, task_parallel="loop",
+                    lr=1e-3)
+    streamed_rec = Recorder()
+    L.Trainer(max_steps=3, callbacks=[streamed_rec], limit_val_batches=0, **kw).fit(
+        streamed, sine_data(meta_batch_size=meta_batch, train_episodes=8 * 3))
     L.seed_everything(0, verbose=False)
     attention, att_rec = AttentionLearner(MLP(8, (16,)), max_way=5, dim=16, heads=2, lr=3e-3), Recorder()
     L.Trainer(max_steps=3, limit_val_batches=0, callbacks=[att_rec], **kw).fit(
@@ -55,7 +61,8 @@ def run(out: Path, devices: int, meta_batch: int) -> None:
     metrics = L.Trainer(**kw).validate(proto, blob_data(val_episodes=11, meta_batch_size=2), verbose=False)[0]
     torch.save({"batches": rec.batches, "grads": rec.grads, "metrics": metrics,
                 "final": [p.detach().clone() for p in maml.backbone.parameters()],
-                "attention_grads": att_rec.grads,
+                "attention_grads": att_rec.grads, "streamed_grads": streamed_rec.grads,
+                "streamed_final": [p.detach().clone() for p in streamed.backbone.parameters()],
                 "protonet": [p.detach().clone() for p in protonet.parameters()]},
                out / f"rank{trainer.global_rank}.pt")
 

@@ -44,6 +44,17 @@ def test_ddp_maml_meta_gradient_equals_the_single_process_meta_gradient(runs):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
+def test_ddp_first_order_maml_streamed_task_by_task_equals_the_single_process_run(runs):
+    r0, r1 = runs["ddp"]
+    (single,) = runs["single"]
+    assert len(r0["streamed_grads"]) == len(single["streamed_grads"]) == 6
+    for a, b, c in zip(r0["streamed_grads"], r1["streamed_grads"], single["streamed_grads"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    for a, c in zip(r0["streamed_final"], single["streamed_final"]):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
 def test_ddp_protonet_training_equals_the_single_process_run(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]

@@ -369,8 +369,9 @@ def test_an_overflowing_inner_update_is_caught_even_when_the_query_outputs_stay_
     assert torch.isfinite(model.forward_episode(ep)).all()  # what a check of the outputs alone would have let pass
 
 
-def test_skip_mode_skips_a_meta_batch_whose_inner_loop_went_non_finite():
-    model, ep = _overflowing_metasgd(nonfinite="skip")
+@pytest.mark.parametrize("kwargs", [{}, {"first_order": True, "task_parallel": "loop"}])  # the second streams
+def test_skip_mode_skips_a_meta_batch_whose_inner_loop_went_non_finite(kwargs):
+    model, ep = _overflowing_metasgd(nonfinite="skip", **kwargs)
     with pytest.warns(UserWarning, match=r"Skipped meta-batch at global step 0: the meta-loss is nan"):
         assert model.training_step(ep, 0) is None
 
@@ -400,3 +401,49 @@ def test_huge_but_finite_values_are_not_mistaken_for_non_finite():
     _, losses, finite = model._run_tasks(torch.zeros(2, 3, 1), torch.zeros(2, 3), torch.zeros(2, 2, 1), 1,
                                          first_order=True, all_steps=False)
     assert torch.isfinite(losses).all() and finite.all()
+
+
+def _graph_ops(loss):
+    seen, stack, names = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (MAML, {}),
+    (MAML, {"inner_loss_scale": 1024.0}),
+    (MAML, {"per_step_lr": True, "multi_step_loss": True, "msl_epochs": 3}),
+    (MetaSGD, {}),
+])
+def test_first_order_training_on_the_loop_streams_task_by_task_with_the_same_loss_and_meta_gradients(cls, kwargs):
+    # each task's meta-gradient is taken as soon as the task is done and its graph freed; the returned loss carries
+    # the summed gradients: the same value and the same gradients (inner rates included) as the whole-batch graph
+    torch.manual_seed(0)
+    net, ep = MLP(8, (16, 16), 3), episode(b=4)
+    models = [cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=True, task_parallel="loop", **kwargs)
+              for _ in range(2)]
+    models[1]._stream_first_order = False
+    losses, grads = [], []
+    for model in models:
+        model.train()
+        loss = model.training_step(ep, 0)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]))
+    assert models[0]._streams() and not models[1]._streams()
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    assert_grads_close(grads[0], grads[1], atol=1e-6)
+    streamed_ops = _graph_ops(models[0].training_step(ep, 0))
+    assert "ReluBackward0" not in streamed_ops and "ReluBackward0" in _graph_ops(models[1].training_step(ep, 0))
+
+
+def test_streaming_is_only_for_first_order_loop_training():
+    assert not MAML(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="loop")._streams()  # second order
+    assert not MAML(MLP(8, (16,), 3), inner_lr=0.3, first_order=True, task_parallel="vmap")._streams()
+    assert not ANIL(MLP(8, (16,), 3), inner_lr=0.3, first_order=True, task_parallel="loop")._streams()
+    assert MAML(Conv4(out_features=5), inner_lr=0.3, first_order=True)._streams()  # auto: the loop on a CPU

@@ -164,6 +164,8 @@ class MAML(MetaLearner):
         linears = [m for m in backbone.modules() if isinstance(m, nn.Linear)]
         self.out_features = linears[-1].out_features if linears else None
         self._step_outputs: Optional[Tensor] = None
+        self._stream_next = False  # set by training_step: first-order meta-gradients task by task (see there)
+        self._streamed = None
 
     @property
     def use_vmap(self) -> bool:
@@ -207,10 +209,12 @@ class MAML(MetaLearner):
         )
 
     def _run_tasks(self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int, first_order: bool, all_steps: bool,
-                   include_initial: bool = False):
+                   include_initial: bool = False, stream=None):
         """Adapt to every task and predict its queries: ``(outputs [B, T, M, ...], inner losses [B, steps],
         finite steps [B, steps])`` with T = steps when ``all_steps`` else 1 (plus the unadapted prediction first
-        when ``include_initial``)."""
+        when ``include_initial``). ``stream(task, outputs [T, M, ...]) -> that task's share of the meta-loss`` (loop
+        path only): each task's share is differentiated as soon as the task is done, its graph freed, and the
+        gradients summed in ``self._streamed``; the outputs come back detached (see :meth:`training_step`)."""
         module = self._adapted_module()
         params = {n: p for n, p in module.named_parameters() if n in self._adapted_names}
         rates, scale = self._rates(), self._loss_scale()
@@ -232,12 +236,28 @@ class MAML(MetaLearner):
                 outputs = [forward_all(p, qx) for p in pick(trajectory)]
                 return (outputs[0].unsqueeze(1) if len(outputs) == 1 else torch.stack(outputs, 1)), losses, finite
 
-            def task(sx_t, sy_t, qx_t):
-                trajectory, losses, finite = inner_adapt(forward, params, sx_t, sy_t, steps, rates, first_order,
-                                                         scale, engine="autograd")
-                return torch.stack([forward(p, qx_t) for p in pick(trajectory)]), losses, finite
+            leaves = [p for p in self.parameters() if p.requires_grad] if stream is not None else []
+            total, summed = 0.0, [None] * len(leaves)
 
-            results = [task(sx[i], sy[i], qx[i]) for i in range(sx.shape[0])]
+            def task(i):
+                nonlocal total
+                trajectory, losses, finite = inner_adapt(forward, params, sx[i], sy[i], steps, rates, first_order,
+                                                         scale, engine="autograd")
+                out = torch.stack([forward(p, qx[i]) for p in pick(trajectory)])
+                if stream is None:
+                    return out, losses, finite
+                share = stream(i, out)  # differentiated now: this task's graph is freed before the next task runs
+                grads = torch.autograd.grad(share * scale, leaves, allow_unused=True)
+                for j, g in enumerate(grads):
+                    if g is not None:
+                        g = g.float() / scale if scale != 1.0 else g
+                        summed[j] = g if summed[j] is None else summed[j] + g
+                total = total + share.detach()
+                return out.detach(), losses, finite
+
+            results = [task(i) for i in range(sx.shape[0])]
+            if stream is not None:
+                self._streamed = (total, [(p, g) for p, g in zip(leaves, summed) if g is not None])
             return tuple(torch.stack(r) for r in zip(*results))
 
     def _raise_nonfinite(self, losses: Tensor, finite: Tensor) -> bool:
@@ -266,10 +286,19 @@ class MAML(MetaLearner):
                 yield False
 
     def forward_episode(self, batch: Episode) -> Tensor:
-        sx, sy, qx, _ = batch
+        sx, sy, qx, qy = batch
         training = self.training
         steps = self.inner_steps if training else self.eval_inner_steps
         msl = training and self.hparams.get("multi_step_loss", False)
+        stream = None
+        if self._stream_next and training and torch.is_grad_enabled():
+            weights = self.msl_weights().to(sx.device) if msl else None
+            b = sx.shape[0]
+
+            def stream(i, out):  # task i's share of meta_loss: the same terms, summed task by task
+                if weights is None:
+                    return per_task_loss(out[-1], qy[i]) / b
+                return (weights * torch.stack([per_task_loss(o, qy[i]) for o in out])).sum() / b
         with self._grad_mode() as cloned:
             if cloned:  # inference tensors cannot enter autograd: take normal copies
                 sx, sy, qx = sx.clone(), sy.clone(), qx.clone()
@@ -280,14 +309,32 @@ class MAML(MetaLearner):
             if not training:
                 sx, qx = sx.detach(), qx.detach()
             outputs, losses, finite = self._run_tasks(
-                sx, sy, qx, steps, first_order=not training or self._first_order_now(), all_steps=msl,
+                sx, sy, qx, steps, first_order=not training or self._first_order_now(), all_steps=msl, stream=stream,
             )
             if self._raise_nonfinite(losses.detach(), finite):
                 outputs = torch.full_like(outputs.detach(), float("nan"))  # skipped by the base class, with a warning
+                self._streamed = None  # so the meta-loss comes from these outputs: NaN
             if not training:
                 outputs = outputs.detach()
         self._step_outputs = outputs if msl else None
         return outputs[:, -1]  # [B, M, N]
+
+    def _streams(self) -> bool:
+        """First-order training on the task loop takes each task's meta-gradient as soon as the task is done and
+        frees its graph, instead of holding every task's graph until the outer backward: peak memory of one task's
+        activations, not the meta-batch's. The returned meta-loss has exactly the summed gradients (and the value)
+        of the usual one, so Lightning's backward, gradient scaling, clipping and DDP synchronisation are unchanged.
+        Not for vmap (all tasks run at once anyway), ANIL (its body runs before the tasks), or a subclass with its own
+        ``meta_loss``."""
+        return (self._first_order_now() and not self.use_vmap and type(self).encode is MAML.encode
+                and type(self).meta_loss is MAML.meta_loss and getattr(self, "_stream_first_order", True))
+
+    def training_step(self, batch: Episode, batch_idx: int) -> Optional[Tensor]:
+        self._stream_next = self._streams()
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            self._stream_next, self._streamed = False, None
 
     def check_episode(self, batch: Episode) -> int:
         n_way = super().check_episode(batch)
@@ -300,6 +347,10 @@ class MAML(MetaLearner):
         return n_way
 
     def meta_loss(self, batch: Episode, outputs: Tensor) -> Tensor:
+        if self._streamed is not None:  # value and gradients were taken task by task: a loss with exactly those
+            value, grads = self._streamed  # gradients (p - p.detach() is 0 with derivative 1) and that value
+            self._streamed = None
+            return value + sum(((p - p.detach()) * g.to(p.dtype)).sum() for p, g in grads)
         if self._step_outputs is None:
             return super().meta_loss(batch, outputs)
         per_step = torch.stack([per_task_loss(self._step_outputs[:, t], batch.query_y).mean()
