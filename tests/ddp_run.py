@@ -42,9 +42,8 @@ def run(out: Path, devices: int, meta_batch: int) -> None:
     rec = Recorder()
     trainer = L.Trainer(max_steps=3, callbacks=[rec], limit_val_batches=0, **kw)
     trainer.fit(maml, sine_data(meta_batch_size=meta_batch, train_episodes=8 * 3))
-    L.seed_everything(0, verbose=False)  # first order on the task loop: meta-gradients taken task by task
-    streamed = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, inner_steps=2, first_order=True, task_parallel="loop",
-                    lr=1e-3)
+    L.seed_everything(0, verbose=False)  # the task loop: meta-gradients taken task by task
+    streamed = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, inner_steps=2, task_parallel="loop", lr=1e-3)
     streamed_rec = Recorder()
     L.Trainer(max_steps=3, callbacks=[streamed_rec], limit_val_batches=0, **kw).fit(
         streamed, sine_data(meta_batch_size=meta_batch, train_episodes=8 * 3))

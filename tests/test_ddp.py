@@ -44,7 +44,7 @@ def test_ddp_maml_meta_gradient_equals_the_single_process_meta_gradient(runs):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
-def test_ddp_first_order_maml_streamed_task_by_task_equals_the_single_process_run(runs):
+def test_ddp_maml_on_the_task_loop_streamed_task_by_task_equals_the_single_process_run(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]
     assert len(r0["streamed_grads"]) == len(single["streamed_grads"]) == 6

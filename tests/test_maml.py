@@ -415,20 +415,21 @@ def _graph_ops(loss):
     return names
 
 
+@pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("cls,kwargs", [
     (MAML, {}),
     (MAML, {"inner_loss_scale": 1024.0}),
     (MAML, {"per_step_lr": True, "multi_step_loss": True, "msl_epochs": 3}),
     (MetaSGD, {}),
 ])
-def test_first_order_training_on_the_loop_streams_task_by_task_with_the_same_loss_and_meta_gradients(cls, kwargs):
+def test_training_on_the_loop_streams_task_by_task_with_the_same_loss_and_meta_gradients(cls, kwargs, first_order):
     # each task's meta-gradient is taken as soon as the task is done and its graph freed; the returned loss carries
     # the summed gradients: the same value and the same gradients (inner rates included) as the whole-batch graph
     torch.manual_seed(0)
     net, ep = MLP(8, (16, 16), 3), episode(b=4)
-    models = [cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=True, task_parallel="loop", **kwargs)
-              for _ in range(2)]
-    models[1]._stream_first_order = False
+    models = [cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=first_order, task_parallel="loop",
+                  **kwargs) for _ in range(2)]
+    models[1]._stream = False
     losses, grads = [], []
     for model in models:
         model.train()
@@ -442,8 +443,7 @@ def test_first_order_training_on_the_loop_streams_task_by_task_with_the_same_los
     assert "ReluBackward0" not in streamed_ops and "ReluBackward0" in _graph_ops(models[1].training_step(ep, 0))
 
 
-def test_streaming_is_only_for_first_order_loop_training():
-    assert not MAML(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="loop")._streams()  # second order
-    assert not MAML(MLP(8, (16,), 3), inner_lr=0.3, first_order=True, task_parallel="vmap")._streams()
-    assert not ANIL(MLP(8, (16,), 3), inner_lr=0.3, first_order=True, task_parallel="loop")._streams()
-    assert MAML(Conv4(out_features=5), inner_lr=0.3, first_order=True)._streams()  # auto: the loop on a CPU
+def test_streaming_is_for_training_on_the_task_loop():
+    assert MAML(Conv4(out_features=5), inner_lr=0.3)._streams()  # auto: the loop on a CPU
+    assert not MAML(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="vmap")._streams()
+    assert not ANIL(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="loop")._streams()

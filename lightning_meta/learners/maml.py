@@ -164,7 +164,7 @@ class MAML(MetaLearner):
         linears = [m for m in backbone.modules() if isinstance(m, nn.Linear)]
         self.out_features = linears[-1].out_features if linears else None
         self._step_outputs: Optional[Tensor] = None
-        self._stream_next = False  # set by training_step: first-order meta-gradients task by task (see there)
+        self._stream_next = False  # set by training_step: meta-gradients task by task (see _streams)
         self._streamed = None
 
     @property
@@ -320,14 +320,15 @@ class MAML(MetaLearner):
         return outputs[:, -1]  # [B, M, N]
 
     def _streams(self) -> bool:
-        """First-order training on the task loop takes each task's meta-gradient as soon as the task is done and
-        frees its graph, instead of holding every task's graph until the outer backward: peak memory of one task's
-        activations, not the meta-batch's. The returned meta-loss has exactly the summed gradients (and the value)
-        of the usual one, so Lightning's backward, gradient scaling, clipping and DDP synchronisation are unchanged.
-        Not for vmap (all tasks run at once anyway), ANIL (its body runs before the tasks), or a subclass with its own
-        ``meta_loss``."""
-        return (self._first_order_now() and not self.use_vmap and type(self).encode is MAML.encode
-                and type(self).meta_loss is MAML.meta_loss and getattr(self, "_stream_first_order", True))
+        """Training on the task loop takes each task's meta-gradient as soon as the task is done and frees its graph,
+        instead of holding every task's graph until the outer backward. The tasks of a meta-batch are independent
+        given the initialization (batch norm statistics are per task too), so the meta-gradient is the sum of the
+        per-task ones, second order or first: peak memory is one task's graph, not the meta-batch's, at the same
+        arithmetic. The returned meta-loss has exactly the summed gradients (and the value) of the usual one, so
+        Lightning's backward, gradient scaling, clipping and DDP synchronisation are unchanged. Not for vmap (all
+        tasks run at once), ANIL (its body runs before the tasks), or a subclass with its own ``meta_loss``."""
+        return (not self.use_vmap and type(self).encode is MAML.encode
+                and type(self).meta_loss is MAML.meta_loss and getattr(self, "_stream", True))
 
     def training_step(self, batch: Episode, batch_idx: int) -> Optional[Tensor]:
         self._stream_next = self._streams()
