@@ -416,19 +416,22 @@ def _graph_ops(loss):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("parallel", [{"task_parallel": "loop"}, {"task_parallel": "vmap", "task_chunk": 2}])
 @pytest.mark.parametrize("cls,kwargs", [
     (MAML, {}),
     (MAML, {"inner_loss_scale": 1024.0}),
     (MAML, {"per_step_lr": True, "multi_step_loss": True, "msl_epochs": 3}),
     (MetaSGD, {}),
 ])
-def test_training_on_the_loop_streams_task_by_task_with_the_same_loss_and_meta_gradients(cls, kwargs, first_order):
-    # each task's meta-gradient is taken as soon as the task is done and its graph freed; the returned loss carries
-    # the summed gradients: the same value and the same gradients (inner rates included) as the whole-batch graph
+def test_training_streams_task_by_task_or_chunk_by_chunk_with_the_same_loss_and_meta_gradients(cls, kwargs, parallel,
+                                                                                               first_order):
+    # each task's (loop) or chunk's (vmap, task_chunk) meta-gradient is taken as soon as it is done and its graph
+    # freed; the returned loss carries the summed gradients: the same value and the same gradients (inner rates
+    # included) as the whole-batch graph. 5 tasks in chunks of 2: the last chunk is short
     torch.manual_seed(0)
-    net, ep = MLP(8, (16, 16), 3), episode(b=4)
-    models = [cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=first_order, task_parallel="loop",
-                  **kwargs) for _ in range(2)]
+    net, ep = MLP(8, (16, 16), 3), episode(b=5)
+    models = [cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=first_order, **parallel, **kwargs)
+              for _ in range(2)]
     models[1]._stream = False
     losses, grads = [], []
     for model in models:
@@ -443,7 +446,23 @@ def test_training_on_the_loop_streams_task_by_task_with_the_same_loss_and_meta_g
     assert "ReluBackward0" not in streamed_ops and "ReluBackward0" in _graph_ops(models[1].training_step(ep, 0))
 
 
-def test_streaming_is_for_training_on_the_task_loop():
+def test_streaming_is_for_training_on_the_task_loop_or_in_vmapped_chunks():
     assert MAML(Conv4(out_features=5), inner_lr=0.3)._streams()  # auto: the loop on a CPU
     assert not MAML(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="vmap")._streams()
+    assert MAML(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="vmap", task_chunk=4)._streams()
     assert not ANIL(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="loop")._streams()
+    with pytest.raises(ValueError, match=r"Expected `task_chunk` to be an integer >= 1, but got 0"):
+        MAML(MLP(8, (16,), 3), inner_lr=0.3, task_chunk=0)
+
+
+def test_convolutional_maml_in_vmapped_chunks_equals_the_whole_meta_batch():
+    # the generic vmap path (batch norm per task inside each chunk), second order
+    torch.manual_seed(0)
+    net = Conv4(hidden=8, out_features=3)
+    batch = Episode(torch.randn(5, 6, 1, 28, 28), torch.arange(3).repeat(5, 2), torch.randn(5, 6, 1, 28, 28),
+                    torch.arange(3).repeat(5, 2))
+    grads = []
+    for chunk in (2, None):
+        model = MAML(copy.deepcopy(net), inner_lr=0.4, task_parallel="vmap", task_chunk=chunk)
+        grads.append(torch.autograd.grad(model.training_step(batch, 0), list(model.backbone.parameters())))
+    assert_grads_close(grads[0], grads[1])

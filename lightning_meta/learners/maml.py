@@ -83,6 +83,9 @@ class MAML(MetaLearner):
             step over ``msl_epochs`` epochs.
         first_order_epochs: MAML++ derivative-order annealing: first order for the first epochs, then second.
         task_parallel: ``"auto"``, ``"vmap"`` or ``"loop"``.
+        task_chunk: with ``vmap``, tasks per vmapped call in training (``None``: the whole meta-batch at once). Each
+            chunk's meta-gradient is taken as soon as the chunk is done and its graph freed, so peak memory is that of
+            ``task_chunk`` tasks; the loop always goes task by task (see :meth:`_streams`).
         inner_loss_scale: loss scale of the inner loop (``None``: 1024 under float16 precision, else 1), so small
             inner gradients do not underflow in float16.
         **kwargs: optimizer options of :class:`MetaLearner`.
@@ -113,6 +116,7 @@ class MAML(MetaLearner):
         msl_epochs: int = 10,
         first_order_epochs: int = 0,
         task_parallel: str = "auto",
+        task_chunk: Optional[int] = None,
         inner_loss_scale: Optional[float] = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -133,6 +137,8 @@ class MAML(MetaLearner):
         check_int("first_order_epochs", first_order_epochs, 0)
         if task_parallel not in TASK_PARALLEL:
             raise ValueError(f"Expected `task_parallel` to be one of {TASK_PARALLEL}, but got {task_parallel!r}.")
+        if task_chunk is not None:
+            check_int("task_chunk", task_chunk, 1)
         if inner_loss_scale is not None:
             check_positive("inner_loss_scale", inner_loss_scale)
         self.save_hyperparameters(ignore=["backbone"])
@@ -212,9 +218,9 @@ class MAML(MetaLearner):
                    include_initial: bool = False, stream=None):
         """Adapt to every task and predict its queries: ``(outputs [B, T, M, ...], inner losses [B, steps],
         finite steps [B, steps])`` with T = steps when ``all_steps`` else 1 (plus the unadapted prediction first
-        when ``include_initial``). ``stream(task, outputs [T, M, ...]) -> that task's share of the meta-loss`` (loop
-        path only): each task's share is differentiated as soon as the task is done, its graph freed, and the
-        gradients summed in ``self._streamed``; the outputs come back detached (see :meth:`training_step`)."""
+        when ``include_initial``). ``stream(tasks, outputs [c, T, M, ...]) -> their share of the meta-loss``: each
+        task's (loop) or chunk's (vmap with ``task_chunk``) share is differentiated as soon as it is done, its graph
+        freed, and the gradients summed in ``self._streamed``; the outputs come back detached (see :meth:`_streams`)."""
         module = self._adapted_module()
         params = {n: p for n, p in module.named_parameters() if n in self._adapted_names}
         rates, scale = self._rates(), self._loss_scale()
@@ -226,39 +232,49 @@ class MAML(MetaLearner):
             chosen = trajectory[1:] if all_steps else trajectory[-1:]
             return trajectory[:1] + chosen if include_initial else chosen
 
+        leaves = [p for p in self.parameters() if p.requires_grad] if stream is not None else []
+        total, summed = 0.0, [None] * len(leaves)
+
+        def streamed(idx: slice, out: Tensor) -> Tensor:
+            """Differentiate the share of the meta-loss of tasks ``idx`` now, add it up, and let their graph go."""
+            nonlocal total
+            share = stream(idx, out)
+            grads = torch.autograd.grad(share * scale, leaves, allow_unused=True)
+            for j, g in enumerate(grads):
+                if g is not None:
+                    g = g.float() / scale if scale != 1.0 else g
+                    summed[j] = g if summed[j] is None else summed[j] + g
+            total = total + share.detach()
+            return out.detach()
+
+        def run_batched(lo: int, hi: int):
+            batched = {n: p.expand(hi - lo, *p.shape) for n, p in params.items()}
+            forward_all = self._batched_forward or torch.func.vmap(forward, randomness="different")
+            grads = self._batched_grads if self._batched_forward is not None else None
+            trajectory, losses, finite = inner_adapt_batched(forward_all, batched, sx[lo:hi], sy[lo:hi], steps, rates,
+                                                             first_order, scale, grads)
+            outputs = [forward_all(p, qx[lo:hi]) for p in pick(trajectory)]
+            out = outputs[0].unsqueeze(1) if len(outputs) == 1 else torch.stack(outputs, 1)
+            return (out if stream is None else streamed(slice(lo, hi), out)), losses, finite
+
+        def run_task(i: int):
+            trajectory, losses, finite = inner_adapt(forward, params, sx[i], sy[i], steps, rates, first_order, scale,
+                                                     engine="autograd")
+            out = torch.stack([forward(p, qx[i]) for p in pick(trajectory)])
+            return (out if stream is None else streamed(slice(i, i + 1), out[None])[0]), losses, finite
+
         with _norms_in_float32(self._norms):
-            if self.use_vmap:  # every task at once: vmapped forwards, one autograd call per inner step
-                batched = {n: p.expand(sx.shape[0], *p.shape) for n, p in params.items()}
-                forward_all = self._batched_forward or torch.func.vmap(forward, randomness="different")
-                grads = self._batched_grads if self._batched_forward is not None else None
-                trajectory, losses, finite = inner_adapt_batched(forward_all, batched, sx, sy, steps, rates,
-                                                                 first_order, scale, grads)
-                outputs = [forward_all(p, qx) for p in pick(trajectory)]
-                return (outputs[0].unsqueeze(1) if len(outputs) == 1 else torch.stack(outputs, 1)), losses, finite
-
-            leaves = [p for p in self.parameters() if p.requires_grad] if stream is not None else []
-            total, summed = 0.0, [None] * len(leaves)
-
-            def task(i):
-                nonlocal total
-                trajectory, losses, finite = inner_adapt(forward, params, sx[i], sy[i], steps, rates, first_order,
-                                                         scale, engine="autograd")
-                out = torch.stack([forward(p, qx[i]) for p in pick(trajectory)])
-                if stream is None:
-                    return out, losses, finite
-                share = stream(i, out)  # differentiated now: this task's graph is freed before the next task runs
-                grads = torch.autograd.grad(share * scale, leaves, allow_unused=True)
-                for j, g in enumerate(grads):
-                    if g is not None:
-                        g = g.float() / scale if scale != 1.0 else g
-                        summed[j] = g if summed[j] is None else summed[j] + g
-                total = total + share.detach()
-                return out.detach(), losses, finite
-
-            results = [task(i) for i in range(sx.shape[0])]
-            if stream is not None:
-                self._streamed = (total, [(p, g) for p, g in zip(leaves, summed) if g is not None])
-            return tuple(torch.stack(r) for r in zip(*results))
+            b = sx.shape[0]
+            if self.use_vmap:  # every task (or chunk of tasks) at once: one autograd call per inner step
+                chunk = self.hparams.get("task_chunk") if stream is not None else None
+                chunk = min(chunk or b, b)
+                results = [run_batched(lo, min(lo + chunk, b)) for lo in range(0, b, chunk)]
+                results = tuple(torch.cat(r) for r in zip(*results))
+            else:
+                results = tuple(torch.stack(r) for r in zip(*[run_task(i) for i in range(b)]))
+        if stream is not None:
+            self._streamed = (total, [(p, g) for p, g in zip(leaves, summed) if g is not None])
+        return results
 
     def _raise_nonfinite(self, losses: Tensor, finite: Tensor) -> bool:
         """Raise naming the first non-finite inner step and task; with ``nonfinite="skip"`` in training, return
@@ -295,10 +311,11 @@ class MAML(MetaLearner):
             weights = self.msl_weights().to(sx.device) if msl else None
             b = sx.shape[0]
 
-            def stream(i, out):  # task i's share of meta_loss: the same terms, summed task by task
+            def stream(idx, out):  # the share of meta_loss of tasks idx (out [c, T, M, ...]): the same terms
                 if weights is None:
-                    return per_task_loss(out[-1], qy[i]) / b
-                return (weights * torch.stack([per_task_loss(o, qy[i]) for o in out])).sum() / b
+                    return per_task_loss(out[:, -1], qy[idx]).sum() / b
+                per_step = torch.stack([per_task_loss(out[:, t], qy[idx]) for t in range(out.shape[1])], 1)
+                return (weights * per_step).sum() / b
         with self._grad_mode() as cloned:
             if cloned:  # inference tensors cannot enter autograd: take normal copies
                 sx, sy, qx = sx.clone(), sy.clone(), qx.clone()
@@ -326,8 +343,9 @@ class MAML(MetaLearner):
         per-task ones, second order or first: peak memory is one task's graph, not the meta-batch's, at the same
         arithmetic. The returned meta-loss has exactly the summed gradients (and the value) of the usual one, so
         Lightning's backward, gradient scaling, clipping and DDP synchronisation are unchanged. Not for vmap (all
-        tasks run at once), ANIL (its body runs before the tasks), or a subclass with its own ``meta_loss``."""
-        return (not self.use_vmap and type(self).encode is MAML.encode
+        tasks run at once) unless ``task_chunk`` splits the meta-batch, ANIL (its body runs before the tasks), or a
+        subclass with its own ``meta_loss``."""
+        return ((not self.use_vmap or self.hparams.get("task_chunk") is not None) and type(self).encode is MAML.encode
                 and type(self).meta_loss is MAML.meta_loss and getattr(self, "_stream", True))
 
     def training_step(self, batch: Episode, batch_idx: int) -> Optional[Tensor]:
