@@ -202,10 +202,12 @@ def case_l2l(steps: int) -> None:
               f"{theirs / ours:5.1f}x learn2learn;   memory {their_mem:7.0f} vs {our_mem:7.0f} MiB")
     torch.manual_seed(0)
     net = Conv4(out_features=5)
-    loop, loop_mem = with_peak(step_time, MAML(copy.deepcopy(net), inner_lr=0.4, task_parallel="loop"), glyphs,
-                               "32-true")
-    print(f"  Conv4 MAML with task_parallel='loop' (vmap trades memory for speed): {loop * 1e3:7.1f} ms, "
-          f"{loop_mem:7.0f} MiB")
+    print("  Conv4 MAML, speed against memory (a task's or chunk's graph is freed as soon as it is done):")
+    for label, kwargs in (("vmap, whole meta-batch", {"task_parallel": "vmap"}),
+                          *((f"vmap, task_chunk={c}", {"task_parallel": "vmap", "task_chunk": c}) for c in (16, 8, 4)),
+                          ("task loop", {"task_parallel": "loop"})):
+        t, mem = with_peak(step_time, MAML(copy.deepcopy(net), inner_lr=0.4, **kwargs), glyphs, "32-true")
+        print(f"    {label:24s} {t * 1e3:7.1f} ms  {mem:7.0f} MiB")
     _, theirs = with_peak(l2l_step_time, copy.deepcopy(net), 0.4, glyphs, F.cross_entropy, first_order=True)
     _, ours = with_peak(step_time, MAML(copy.deepcopy(net), inner_lr=0.4, first_order=True), glyphs, "32-true")
     print(f"  Conv4 MAML first order: peak memory learn2learn {theirs:7.0f} vs lightning-meta {ours:7.0f} MiB")
