@@ -416,7 +416,8 @@ def _graph_ops(loss):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("parallel", [{"task_parallel": "loop"}, {"task_parallel": "vmap", "task_chunk": 2}])
+@pytest.mark.parametrize("parallel", [{"task_parallel": "loop"}, {"task_parallel": "loop", "task_chunk": 2},
+                                      {"task_parallel": "vmap", "task_chunk": 2}])
 @pytest.mark.parametrize("cls,kwargs", [
     (MAML, {}),
     (MAML, {"inner_loss_scale": 1024.0}),
