@@ -63,7 +63,9 @@ class MAML(MetaLearner):
     The inner loop is a pure function of (params, support) on ``torch.func`` (no module cloning): a meta-batch runs as
     one ``vmap`` over its tasks or as a loop (``task_parallel="auto"`` picks ``vmap`` on a GPU, and on a CPU for
     networks without convolutions: see :attr:`use_vmap`). Inner gradients never touch ``.grad``, so no DDP hook fires inside the
-    inner loop; Lightning owns the outer backward, gradient scaling, clipping and DDP synchronisation.
+    inner loop; Lightning owns the outer backward, gradient scaling, clipping and DDP synchronisation. In training
+    each task's (or ``task_chunk``'s) meta-gradient is taken as soon as it is done and its graph freed, so peak
+    memory is one task's graph on the loop (:meth:`_streams`).
 
     Batch norm: running statistics are turned off on the backbone; every forward pass (each task's support set, each
     query set) normalises with its own batch statistics, in training and evaluation alike, as in the paper's code.
