@@ -467,3 +467,23 @@ def test_convolutional_maml_in_vmapped_chunks_equals_the_whole_meta_batch():
         model = MAML(copy.deepcopy(net), inner_lr=0.4, task_parallel="vmap", task_chunk=chunk)
         grads.append(torch.autograd.grad(model.training_step(batch, 0), list(model.backbone.parameters())))
     assert_grads_close(grads[0], grads[1])
+
+
+def test_the_streamed_loss_keeps_its_value_when_a_gradient_overflows_so_the_gradient_scaler_can_skip_the_step():
+    from lightning_meta.learners.maml import _WithGradients
+
+    p = torch.ones(3, requires_grad=True)
+    loss = _WithGradients.apply(torch.tensor(2.0), [torch.tensor([1.0, float("inf"), 0.0])], p)
+    assert loss.item() == 2.0  # (p - p.detach()) * g would be NaN here, and the base class would stop training
+    (loss * 4).backward()  # the scaler's scale multiplies through; the inf reaches .grad, where the scaler sees it
+    assert p.grad.tolist() == [4.0, float("inf"), 0.0]
+
+
+def test_task_by_task_meta_gradients_take_the_gradient_scalers_scale_under_16_mixed():
+    from types import SimpleNamespace
+
+    model = MAML(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="loop")
+    assert model._outer_scale() == 1.0
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    model._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
+    assert model._outer_scale() == 512.0

@@ -56,6 +56,22 @@ def _norms_in_float32(norms: list[nn.Module]):
             handle.remove()
 
 
+class _WithGradients(torch.autograd.Function):
+    """``value`` as a loss whose gradient with respect to each of ``leaves`` is the given one (times the incoming
+    gradient, e.g. an AMP scale): the meta-loss of tasks whose gradients were already taken one by one. A custom
+    backward rather than ``value + ((p - p.detach()) * g).sum()``: an infinite ``g`` (float16 overflow, which the
+    gradient scaler must see and skip) would make that sum's value NaN."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, grads: list, *leaves: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        return (None, None, *(grad_output.to(g.dtype) * g for g in ctx.grads))
+
+
 class MAML(MetaLearner):
     """Model-Agnostic Meta-Learning: adapt all parameters by ``inner_steps`` gradient steps on each task's support set
     and update the initialization through those steps (second order, or first order by flag).
@@ -212,6 +228,15 @@ class MAML(MetaLearner):
         precision = str(getattr(self._trainer, "precision", "32")) if self._trainer is not None else "32"
         return 1024.0 if precision.startswith("16") else 1.0
 
+    def _outer_scale(self) -> float:
+        """Loss scale for meta-gradients taken task by task: the trainer's gradient scaler's current scale under
+        16-mixed (what the whole-batch backward would be scaled by), else the inner loop's."""
+        plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
+        scaler = getattr(plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return float(scaler.get_scale())
+        return self._loss_scale()
+
     def _first_order_now(self) -> bool:
         return self.first_order or (
             self._trainer is not None and self.current_epoch < self.hparams.get("first_order_epochs", 0)
@@ -237,15 +262,16 @@ class MAML(MetaLearner):
 
         leaves = [p for p in self.parameters() if p.requires_grad] if stream is not None else []
         total, summed = 0.0, [None] * len(leaves)
+        outer = self._outer_scale() if stream is not None else 1.0
 
         def streamed(idx: slice, out: Tensor) -> Tensor:
             """Differentiate the share of the meta-loss of tasks ``idx`` now, add it up, and let their graph go."""
             nonlocal total
             share = stream(idx, out)
-            grads = torch.autograd.grad(share * scale, leaves, allow_unused=True)
+            grads = torch.autograd.grad(share * outer, leaves, allow_unused=True)
             for j, g in enumerate(grads):
                 if g is not None:
-                    g = g.float() / scale if scale != 1.0 else g
+                    g = g.float() / outer if outer != 1.0 else g
                     summed[j] = g if summed[j] is None else summed[j] + g
             total = total + share.detach()
             return out.detach()
@@ -369,10 +395,10 @@ class MAML(MetaLearner):
         return n_way
 
     def meta_loss(self, batch: Episode, outputs: Tensor) -> Tensor:
-        if self._streamed is not None:  # value and gradients were taken task by task: a loss with exactly those
-            value, grads = self._streamed  # gradients (p - p.detach() is 0 with derivative 1) and that value
+        if self._streamed is not None:  # value and gradients were taken task by task: a loss with that value and
+            value, grads = self._streamed  # exactly those gradients
             self._streamed = None
-            return value + sum(((p - p.detach()) * g.to(p.dtype)).sum() for p, g in grads)
+            return _WithGradients.apply(value, [g.to(p.dtype) for p, g in grads], *(p for p, _ in grads))
         if self._step_outputs is None:
             return super().meta_loss(batch, outputs)
         per_step = torch.stack([per_task_loss(self._step_outputs[:, t], batch.query_y).mean()
