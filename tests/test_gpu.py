@@ -159,6 +159,24 @@ def test_hand_written_chain_gradients_match_autograd_on_cuda(cls, dtype):
         assert F.cosine_similarity(a, b, dim=0).item() > 0.99
 
 
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_meta_gradients_taken_chunk_by_chunk_train_under_mixed_precision_on_cuda(precision):
+    # task_chunk: each chunk's meta-gradient is taken as soon as it is done; under 16-mixed it must use the gradient
+    # scaler's scale, and overflows must reach the scaler (which skips the step) instead of stopping training
+    torch.manual_seed(0)
+    model, dm = MAML(Conv4(hidden=32, out_features=5), inner_lr=0.4, task_parallel="vmap", task_chunk=2,
+                     lr=2e-3), glyph_data()
+    before = trainer(accelerator="cuda", devices=1).test(model, dm, verbose=False)[0]["test/acc"]
+    t = trainer(accelerator="cuda", devices=1, precision=precision, max_epochs=3, limit_val_batches=2)
+    t.fit(model, dm)
+    assert model._streams()
+    scaler = getattr(t.precision_plugin, "scaler", None)
+    if precision == "16-mixed":
+        assert scaler is not None and model._outer_scale() == scaler.get_scale()
+    res = t.test(model, dm, verbose=False)[0]
+    assert res["test/acc"] > max(before + 0.1, 0.4), (before, res)
+
+
 def test_vmap_and_loop_agree_for_convolutional_maml_on_cuda():
     torch.manual_seed(0)
     net = Conv4(hidden=16, out_features=5)
