@@ -194,9 +194,9 @@ class MAML(MetaLearner):
 
     @property
     def use_vmap(self) -> bool:
-        """Whether the tasks of a meta-batch run under one ``vmap`` (else a loop). ``auto``: on a GPU always (14.9x
+        """Whether the tasks of a meta-batch run under one ``vmap`` (else a loop). ``auto``: on a GPU always (11.7x
         the loop's speed for Conv4 on an H100, ``benchmarks/bench_gpu.py``); on a CPU only for networks without
-        convolutions, whose vmapped form is slower there than a loop."""
+        convolutions, whose vmapped form is slower there than a loop. vmap holds more memory: see ``task_chunk``."""
         if self.task_parallel != "auto":
             return self.task_parallel == "vmap"
         return not self._has_conv or self.device.type == "cuda"
