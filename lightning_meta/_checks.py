@@ -1,8 +1,12 @@
-"""Argument checks shared by every public constructor, with one message template."""
+"""Checks shared across the package: constructor arguments (one message template) and a cheap finiteness test."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
+
+import torch
+from torch import Tensor
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
@@ -15,3 +19,15 @@ def check_positive(name: str, value: Any) -> None:
     """Raise ``ValueError("Expected `name` to be a positive number, but got value.")`` unless it is one."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"Expected `{name}` to be a positive number, but got {value!r}.")
+
+
+def surely_finite(tensors: Iterable[Tensor]) -> bool:
+    """True when every element of ``tensors`` is surely finite: one float32 sum each and one synchronisation. A sum
+    is non-finite when any element is, or when finite values overflow it (a false alarm, never a miss), so a False
+    asks the caller for its exact, element-wise check."""
+    with torch.no_grad():
+        total = None
+        for t in tensors:
+            s = t.sum(dtype=torch.float32)
+            total = s if total is None else total + s
+        return total is None or bool(torch.isfinite(total))

@@ -8,6 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from lightning_meta._checks import surely_finite
 from lightning_meta.functional.batched import BatchedGrads
 from lightning_meta.functional.episode import per_task_loss
 
@@ -177,12 +178,9 @@ def _finite_steps(trajectory: list[Params], losses: Tensor) -> Tensor:
     Non-finite parameters stay non-finite under every later update (inf + x is inf or NaN, NaN + x is NaN), so one
     sum over the losses and the final parameters is finite exactly when every step is, unless finite values overflow
     the sum: only then, or when something is non-finite, the exact per-task, per-step check runs."""
+    if surely_finite([losses, *trajectory[-1].values()]):
+        return torch.ones_like(losses, dtype=torch.bool)
     with torch.no_grad():
-        quick = losses.sum()
-        for p in trajectory[-1].values():
-            quick = quick + p.sum()
-        if bool(torch.isfinite(quick)):
-            return torch.ones_like(losses, dtype=torch.bool)
         b = losses.shape[0]
         params = [torch.cat([p.reshape(b, -1) for p in step.values()], 1).isfinite().all(1) for step in trajectory[1:]]
         return torch.isfinite(losses) & torch.stack(params, 1)

@@ -13,7 +13,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_meta._checks import check_positive
+from lightning_meta._checks import check_positive, surely_finite
 from lightning_meta.checkpoint import CheckedCheckpointIO, read_checkpoint, rng_states, set_rng_states
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional.episode import episode_accuracy, per_task_loss
@@ -267,16 +267,6 @@ class MetaLearner(L.LightningModule):
         return batch, self.check_episode(batch)
 
 
-def _quick_finite(tensors: list[Tensor]) -> bool:
-    """True when all ``tensors`` are surely finite: one sum each and one synchronisation. A sum is non-finite when
-    any element is (or when finite values overflow it: a false alarm, never a miss); the caller then checks exactly."""
-    total = None
-    for t in tensors:
-        s = t.sum(dtype=torch.float32)
-        total = s if total is None else total + s
-    return bool(torch.isfinite(total))
-
-
 def check_episode(batch: Episode) -> int:
     """Shapes, dtypes and label ranges of a meta-batch; returns N (1 for regression). Errors name the mismatch."""
     if not isinstance(batch, tuple) or len(batch) != 4:
@@ -305,7 +295,7 @@ def check_episode(batch: Episode) -> int:
         raise TypeError(f"support_y is {sy.dtype} but query_y is {qy.dtype}: both must be integer labels "
                         "(classification) or both float targets (regression).")
     floats = [t for t in batch if t.is_floating_point()]
-    if floats and not _quick_finite(floats):  # the exact checks run only when the quick one fails
+    if not surely_finite(floats):  # the exact checks run only when the quick one fails
         for name, t in (("support_x", sx), ("query_x", qx)):
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(f"Episode.{name} contains NaN or infinite values: clean the inputs before training.")

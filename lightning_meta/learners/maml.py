@@ -276,12 +276,13 @@ class MAML(MetaLearner):
             total = total + share.detach()
             return out.detach()
 
+        forward_all = self._batched_forward or torch.func.vmap(forward, randomness="different")
+        support_grads = self._batched_grads if self._batched_forward is not None else None
+
         def run_batched(lo: int, hi: int):
             batched = {n: p.expand(hi - lo, *p.shape) for n, p in params.items()}
-            forward_all = self._batched_forward or torch.func.vmap(forward, randomness="different")
-            grads = self._batched_grads if self._batched_forward is not None else None
             trajectory, losses, finite = inner_adapt_batched(forward_all, batched, sx[lo:hi], sy[lo:hi], steps, rates,
-                                                             first_order, scale, grads)
+                                                             first_order, scale, support_grads)
             outputs = [forward_all(p, qx[lo:hi]) for p in pick(trajectory)]
             out = outputs[0].unsqueeze(1) if len(outputs) == 1 else torch.stack(outputs, 1)
             return (out if stream is None else streamed(slice(lo, hi), out)), losses, finite
