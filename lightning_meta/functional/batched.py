@@ -198,8 +198,7 @@ def batched_chain_grads(module: nn.Module) -> Optional[BatchedGrads]:
             g = out.get(k)
             if g is None:  # a parameter the loss does not depend on
                 g = torch.zeros_like(p)
-            g = g.float() / scale if scale != 1.0 else g
-            grads[k] = g.to(p.dtype) if scale == 1.0 else g
+            grads[k] = g.float() / scale if scale != 1.0 else g.to(p.dtype)  # as scaled_grad returns them
         return grads, losses
 
     return grads
