@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,16 +31,53 @@ def read_checkpoint(path, map_location: Any = None, weights_only: Optional[bool]
         raise FileNotFoundError(f"Checkpoint file not found: {path}")
     try:
         return pl_load(path, map_location=map_location, weights_only=weights_only)
-    except Exception as err:  # torch.load's errors for broken files: RuntimeError, EOFError, UnpicklingError...
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err)) if "weights_only" in str(err).lower() else None
+        if refused is None:
+            raise _broken(path, err) from err
+        name = refused.group(1)
         raise ValueError(
-            f"Cannot load the checkpoint {path}: the file is corrupt or truncated ({type(err).__name__}: {err}). "
-            "Resume from an earlier checkpoint (checkpoints are written atomically, so the previous one is whole)."
+            f"Cannot load the checkpoint {path} with torch.load(weights_only=True): it holds an object of type {name}, "
+            f"which weights-only loading refuses (the file is not corrupt). If you trust the file, load it with "
+            f"weights_only=False, or allow the type first: torch.serialization.add_safe_globals([{name}])."
         ) from err
+    except Exception as err:  # torch.load's errors for broken files: RuntimeError, EOFError...
+        raise _broken(path, err) from err
+
+
+def _broken(path, err: Exception) -> ValueError:
+    return ValueError(
+        f"Cannot load the checkpoint {path}: the file is corrupt or truncated ({type(err).__name__}: {err}). "
+        "Resume from an earlier checkpoint (checkpoints are written atomically, so the previous one is whole)."
+    )
 
 
 class CheckedCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO (atomic writes through an fsspec transaction), reading through
-    :func:`read_checkpoint` so a broken file is named. MetaLearner installs it in place of the default."""
+    """Lightning's checkpoint IO, reading through :func:`read_checkpoint` so a broken file is named, and writing a
+    local file atomically next to its target (a temporary file in the same folder, flushed to disk, then
+    ``os.replace``; never a copy from the system's temporary directory, which may be another file system).
+    MetaLearner installs it in place of the default."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if hasattr(os, "O_DIRECTORY"):  # the rename itself survives a power loss
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None) -> dict:
         return read_checkpoint(path, map_location=map_location, weights_only=weights_only)

@@ -19,7 +19,9 @@ class MetaCLI(LightningCLI):
     every option stays explicit in the config."""
 
 
-def main(args=None) -> MetaCLI:
+def run(args=None) -> MetaCLI:
+    """Run the command line ``args`` (default: ``sys.argv``) and return the CLI, whose ``trainer`` and ``model``
+    hold the run's results."""
     return MetaCLI(
         MetaLearner,
         EpisodicDataModule,
@@ -30,5 +32,11 @@ def main(args=None) -> MetaCLI:
     )
 
 
+def main(args=None) -> int:
+    """The ``lightning-meta`` console script: exit status 0 after a successful run (an error exits non-zero)."""
+    run(args)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -36,6 +36,15 @@ class EpisodeMean(Metric):
         self.add_state("total_sq", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    def _apply(self, fn, exclude_state=""):  # type: ignore[override]
+        # sums stay float64 whatever the module's precision: `precision="bf16-true"` converts the whole LightningModule,
+        # metric states included, and bfloat16 counts integers exactly only up to 256
+        this = super()._apply(fn, exclude_state)
+        for key in ("total", "total_sq"):
+            this._defaults[key] = this._defaults[key].to(torch.float64)
+            setattr(this, key, getattr(this, key).to(torch.float64))
+        return this
+
     def update(self, values: Tensor) -> None:
         values = values.detach().reshape(-1).to(torch.float64)
         self.total += values.sum()
@@ -48,6 +57,31 @@ class EpisodeMean(Metric):
         var = ((self.total_sq - n * mean.pow(2)) / (n - 1).clamp_min(1)).clamp_min(0)
         ci95 = torch.where(n > 1, 1.96 * var.sqrt() / n.sqrt(), torch.zeros_like(var))
         return mean.float(), ci95.float()
+
+
+class EpisodeCount(Metric):
+    """How many episodes were flagged (e.g. diverged), summed over updates and ranks (an int64 state).
+
+    Example:
+        >>> c = EpisodeCount()
+        >>> c.update(torch.tensor([True, False, True]))
+        >>> c.compute().item()
+        2
+    """
+
+    is_differentiable = False
+    full_state_update = False
+    count: Tensor
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, flags: Tensor) -> None:
+        self.count += flags.detach().reshape(-1).long().sum().to(self.count.device)
+
+    def compute(self) -> Tensor:
+        return self.count.clone()
 
 
 class EpisodeAccuracy(EpisodeMean):
@@ -85,8 +119,9 @@ class EpisodeMSE(EpisodeMean):
 
     higher_is_better = False
 
-    def update(self, predictions: Tensor, targets: Tensor) -> None:  # type: ignore[override]
-        super().update(per_task_loss(predictions, targets))
+    def update(self, predictions: Tensor, targets: Tensor, target_ndim: int = 0) -> None:  # type: ignore[override]
+        """Predictions and targets ``[B, M]`` (or one task ``[M]``; ``[.., M, D]`` with ``target_ndim=1``)."""
+        super().update(per_task_loss(predictions, targets, target_ndim))
 
 
-__all__ = ["EpisodeAccuracy", "EpisodeMSE", "EpisodeMean"]
+__all__ = ["EpisodeAccuracy", "EpisodeCount", "EpisodeMSE", "EpisodeMean"]

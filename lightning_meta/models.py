@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 from torch import Tensor, nn
 
 
-class _Backbone(nn.Module):
-    """``features`` maps inputs to a flat embedding ``[B, D]``; ``head`` (a Linear, or None) maps it to outputs."""
+class Backbone(nn.Module):
+    """``features`` maps inputs to a flat embedding ``[B, D]``; ``head`` (a Linear, or None) maps it to outputs.
+
+    A backbone remembers the arguments it was built with (``init_args``), so a learner's checkpoint can rebuild it:
+    ``Learner.load_from_checkpoint(path)`` needs no backbone argument for these (see :func:`backbone_spec`).
+    """
 
     features: nn.Module
     head: Optional[nn.Linear]
     embedding_dim: int
+    init_args: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in cls.__dict__:
+            return
+        init = cls.__dict__["__init__"]
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            init(self, *args, **kw)  # the outermost constructor finishes last: its arguments are the ones kept
+            bound = signature.bind(self, *args, **kw)
+            bound.apply_defaults()
+            self.init_args = {k: v for k, v in list(bound.arguments.items())[1:]}
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.features(x)
@@ -23,11 +47,36 @@ class _Backbone(nn.Module):
         return z if self.head is None else self.head(z)
 
 
+def backbone_spec(module: nn.Module) -> Optional[dict[str, Any]]:
+    """``{"class_path": ..., "init_args": {...}}`` that rebuilds ``module`` (as in a LightningCLI config), or ``None``
+    for a module that did not record its arguments (any ``nn.Module`` other than a :class:`Backbone`).
+
+    Example:
+        >>> spec = backbone_spec(MLP(4, (16,), 3))
+        >>> spec["class_path"], spec["init_args"]["hidden"]
+        ('lightning_meta.models.MLP', (16,))
+        >>> build_backbone(spec)(torch.zeros(2, 4)).shape
+        torch.Size([2, 3])
+    """
+    args = getattr(module, "init_args", None)
+    if not isinstance(module, Backbone) or not isinstance(args, dict):
+        return None
+    cls = type(module)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(args)}
+
+
+def build_backbone(spec: dict[str, Any]) -> nn.Module:
+    """The module :func:`backbone_spec` describes (fresh weights: a checkpoint's state dict fills them)."""
+    module_name, _, name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    return cls(**spec["init_args"])
+
+
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
 
-class Conv4(_Backbone):
+class Conv4(Backbone):
     """The 4 x [conv3x3-BN-ReLU-maxpool2] network of Vinyals et al. (2016), Finn et al. (2017), Snell et al. (2017).
 
     Args:
@@ -60,7 +109,7 @@ class Conv4(_Backbone):
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features is not None else None
 
 
-class MLP(_Backbone):
+class MLP(Backbone):
     """Fully connected ReLU network (the MAML paper's sinusoid regressor is ``MLP(1, (40, 40), 1)``).
 
     ``init="reference"`` initialises as the MAML authors' code does (weights ~ truncated normal with std 0.01, zero
@@ -106,7 +155,7 @@ class _ResBlock(nn.Module):
         return self.out(self.body(x) + self.shortcut(x))
 
 
-class ResNet12(_Backbone):
+class ResNet12(Backbone):
     """ResNet-12 of Oreshkin et al. (2018) / Lee et al. (2019): four residual blocks, global average pooling.
 
     Example:
@@ -126,4 +175,4 @@ class ResNet12(_Backbone):
         self.head = nn.Linear(width, out_features) if out_features is not None else None
 
 
-__all__ = ["Conv4", "MLP", "ResNet12"]
+__all__ = ["MLP", "Backbone", "Conv4", "ResNet12", "backbone_spec", "build_backbone"]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_meta.cli import main
+from lightning_meta.cli import main, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 SMALL_DATA = {  # shrink each config's data so a test run takes seconds
@@ -31,12 +31,12 @@ def test_every_example_config_fits_and_tests_through_the_cli(config, tmp_path, m
     common = [f"--config={CONFIGS / config}.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *EXTRA.get(config, []),
               "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
               "--trainer.enable_progress_bar=false", *SMALL_DATA[kind]]
-    cli = main(["fit", *common])
+    cli = run(["fit", *common])
     assert cli.trainer.global_step == 2
     metric = "val/mse" if kind == "sinusoid" else "val/acc"
     assert metric in cli.trainer.callback_metrics
     ckpt = next(tmp_path.rglob("*.ckpt"))
-    cli = main(["test", *common, "--data.test_episodes=8", f"--ckpt_path={ckpt}"])
+    cli = run(["test", *common, "--data.test_episodes=8", f"--ckpt_path={ckpt}"])
     assert metric.replace("val", "test") in cli.trainer.callback_metrics
 
 

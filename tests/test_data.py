@@ -316,27 +316,72 @@ def test_omniglot_names_a_corrupt_image_inside_the_zip(tmp_path):
         Omniglot(root)
 
 
-@needs_omniglot
-def test_omniglot_download_fetches_verifies_and_extracts_from_a_local_server(tmp_path):
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(OMNIGLOT), **kw)
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    served = 0
 
-        def log_message(self, *args):
-            pass
+    def __init__(self, *a, **kw):
+        super().__init__(*a, directory=str(OMNIGLOT), **kw)
 
-    with socketserver.TCPServer(("127.0.0.1", 0), Quiet) as server:
+    def do_GET(self):
+        type(self).served += 1
+        if "truncated" in self.path:  # a connection that dies mid-transfer
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.write(b"PK" * 1000)
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def omniglot_server():
+    with socketserver.TCPServer(("127.0.0.1", 0), _Quiet) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}/"
         try:
-            ds = Omniglot(tmp_path / "data", subsets=["images_background_small1"], alphabets=["Greek"],
-                          download=True, url=url)
-            assert (tmp_path / "data" / "images_background_small1" / "Greek").is_dir()
-            assert ds.num_classes == 24 and len(ds) == 480
-            with pytest.raises(RuntimeError, match="Could not download Omniglot"):
-                Omniglot(tmp_path / "other", subsets=["images_evaluation"], download=True, url=url)
+            yield f"http://127.0.0.1:{server.server_address[1]}/"
         finally:
             server.shutdown()
+
+
+@needs_omniglot
+def test_omniglot_download_happens_in_prepare_data_and_reads_the_verified_zip(tmp_path, omniglot_server):
+    root = tmp_path / "data"
+    _Quiet.served = 0
+    ds = Omniglot(root, subsets=["images_background_small1"], alphabets=["Greek"], download=True, url=omniglot_server)
+    assert _Quiet.served == 0 and not root.exists()  # construction (on every DDP rank) fetches nothing
+    dm = EpisodicDataModule(train=ds, n_way=5, n_shot=1, n_query=1, meta_batch_size=2)
+    dm.prepare_data()  # Lightning: once, on one process
+    assert _Quiet.served == 1 and sorted(p.name for p in root.iterdir()) == ["images_background_small1.zip"]
+    dm.setup("fit")  # every process reads
+    assert ds.num_classes == 24 and len(ds) == 480
+    again = Omniglot(root, subsets=["images_background_small1"], alphabets=["Greek"], download=True, url=omniglot_server)
+    assert len(again) == 480 and _Quiet.served == 1  # a dataset used on its own loads on first use; no refetch
+
+
+@needs_omniglot
+def test_omniglot_failed_downloads_leave_no_partial_file(tmp_path, omniglot_server):
+    for subset, error in (("images_evaluation", "Could not download Omniglot"),
+                          ("images_background", "Could not download Omniglot|is corrupt")):
+        root = tmp_path / subset
+        url = omniglot_server + ("truncated/" if subset == "images_background" else "")
+        with pytest.raises(RuntimeError, match=error):
+            len(Omniglot(root, subsets=[subset], download=True, url=url))
+        assert list(root.iterdir()) == []  # no .part file, no zip under the real name
+
+
+@needs_omniglot
+def test_omniglot_reads_the_whole_zip_even_beside_a_partly_extracted_folder(tmp_path):
+    shutil.copy(OMNIGLOT / "images_background_small1.zip", tmp_path)
+    partial = tmp_path / "images_background_small1" / "Greek" / "character01"
+    partial.mkdir(parents=True)  # what an extraction killed early leaves behind
+    with zipfile.ZipFile(tmp_path / "images_background_small1.zip") as zf:
+        member = next(n for n in zf.namelist() if "/Greek/character01/" in n and n.endswith(".png"))
+        (partial / Path(member).name).write_bytes(zf.read(member))
+    ds = Omniglot(tmp_path, subsets=["images_background_small1"])
+    assert ds.num_classes == 136 and len(ds) == 2720
 
 
 @needs_omniglot

@@ -17,10 +17,7 @@ def figure_dir(trainer, name: str) -> Path:
 
 def save_and_log(trainer, fig, path: Path, key: str) -> Path:
     """Write ``fig`` as a PNG and log it to every logger that takes images (W&B, TensorBoard); others keep the file."""
-    import matplotlib.pyplot as plt
-
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     for logger in trainer.loggers:
         if callable(getattr(logger, "log_image", None)):  # WandbLogger and others with the same method
             logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
@@ -32,12 +29,13 @@ def save_and_log(trainer, fig, path: Path, key: str) -> Path:
     return path
 
 
-def matplotlib():
+def new_figure(figsize: tuple[float, float]):
+    """A matplotlib Figure on its own Agg canvas: no pyplot, so the user's backend and open figures are untouched."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError("The image callbacks need matplotlib: pip install 'lightning-meta[plots]'.") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig

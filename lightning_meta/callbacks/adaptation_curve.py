@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from lightning_meta._checks import check_int
-from lightning_meta.callbacks._images import figure_dir, matplotlib, save_and_log
+from lightning_meta.callbacks._images import figure_dir, new_figure, save_and_log
 from lightning_meta.callbacks._tasks import ValidationTasks
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional.episode import episode_accuracy, per_task_loss
@@ -73,9 +73,9 @@ class AdaptationCurve(ValidationTasks):
         return float(episode_accuracy(outputs, batch.query_y).mean())
 
     def _plot(self, trainer, point) -> None:
-        plt = matplotlib()
         panels = [("shots", "support examples per class")] + ([("steps", "inner steps")] if point["steps"] else [])
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+        fig = new_figure((5 * len(panels), 3.5))
+        axes = fig.subplots(1, len(panels), squeeze=False)
         label = "query MSE" if point["metric"] == "mse" else "query accuracy"
         for ax, (name, xlabel) in zip(axes[0], panels):
             for past in self.history:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_meta._checks import check_int
-from lightning_meta.callbacks._images import figure_dir, matplotlib, save_and_log
+from lightning_meta.callbacks._images import figure_dir, new_figure, save_and_log
 from lightning_meta.callbacks._tasks import ValidationTasks
 from lightning_meta.data.episode import Episode
 
@@ -41,10 +41,10 @@ class EpisodeGrid(ValidationTasks):
         pl_module.eval()
         predictions = pl_module.forward_episode(batch).argmax(-1).cpu()
         pl_module.train(was_training)
-        plt = matplotlib()
         s, q = batch.support_x.shape[1], min(batch.query_x.shape[1], self.max_queries)
         cols = max(s, q)
-        fig, axes = plt.subplots(2 * batch.num_tasks, cols, figsize=(1.2 * cols, 2.6 * batch.num_tasks), squeeze=False)
+        fig = new_figure((1.2 * cols, 2.6 * batch.num_tasks))
+        axes = fig.subplots(2 * batch.num_tasks, cols, squeeze=False)
         for e in range(batch.num_tasks):
             for j in range(cols):
                 for row, images in enumerate((batch.support_x[e], batch.query_x[e])):

@@ -65,21 +65,19 @@ class _EpisodeLoader(DataLoader):
     asks the module for the epoch and resume position, and its ``state_dict`` is the module's, so Lightning sees a
     resumable loader (one source of truth for the position: the data module)."""
 
-    def __init__(self, stream: _EpisodeStream, num_workers: int, pin_memory: bool,
-                 owner: Optional[EpisodicDataModule] = None) -> None:
+    def __init__(self, stream: _EpisodeStream, num_workers: int, pin_memory: bool, owner: EpisodicDataModule) -> None:
         super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
         self._owner = owner
 
     def __iter__(self):
-        if self._owner is not None:
-            self._owner._before_train_iter(self.dataset)
+        self._owner._before_train_iter(self.dataset)
         return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
-        return self._owner.state_dict() if self._owner is not None else {}
+        return self._owner.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._owner is not None and state_dict:
+        if state_dict:
             self._owner.load_state_dict(state_dict)
 
 
@@ -165,7 +163,9 @@ class EpisodicDataModule(L.LightningDataModule):
         self.samplers: dict[str, Any] = {}
         self._resume: Optional[dict] = None
         self._iterations = 0  # epochs counted without a trainer
-        self.save_hyperparameters(ignore=["train", "val", "test"])
+        # the transform object is not saved: checkpoints hold plain data only, so they load with torch's default
+        # weights_only=True whatever callable was passed (a RandomShift, a lambda)
+        self.save_hyperparameters(ignore=["train", "val", "test", "train_transform"])
 
     # ---------------------------------------------------------------- setup and checks
     def setup(self, stage: Optional[str] = None) -> None:
@@ -186,7 +186,28 @@ class EpisodicDataModule(L.LightningDataModule):
                 (self.n_way, self.n_shot, self.n_query)
             )  # fmt: skip
             self._check_source(name, source, way)
+            if callable(getattr(source, "setup", None)):  # e.g. Omniglot(download=True): read what prepare_data fetched
+                source.setup()
             self.samplers[name] = make_sampler(source, way, shot, query, self.seed, f"{name} dataset ({_name(source)})")
+            if name != "train":
+                self._check_eval_batches(name)
+
+    def prepare_data(self) -> None:
+        """Fetch what the datasets need (e.g. ``Omniglot(download=True)``), once, on the first process only."""
+        for source in (self.train, self.val, self.test):
+            if callable(getattr(source, "prepare_data", None)):
+                source.prepare_data()
+
+    def _check_eval_batches(self, name: str) -> None:
+        world = self._world()[0]
+        batches = math.ceil(self.episodes[name] / self.eval_meta_batch_size)
+        if batches < world:
+            raise ValueError(
+                f"`{name}_episodes`={self.episodes[name]} in meta-batches of {self.eval_meta_batch_size} "
+                f"(`eval_meta_batch_size`) gives {batches} {name} meta-batch(es) for {world} processes, so some "
+                f"process would have none: raise `{name}_episodes` to at least {world * self.eval_meta_batch_size} "
+                f"or lower `eval_meta_batch_size` to {max(self.episodes[name] // world, 1)}."
+            )
 
     def _check_source(self, name: str, source, way: int) -> None:
         if not (callable(getattr(source, "sample", None)) or hasattr(source, "__getitem__")):
@@ -241,7 +262,7 @@ class EpisodicDataModule(L.LightningDataModule):
         """Training meta-batches per epoch on each rank (known without iterating any loader)."""
         return self.episodes["train"] // self.train_episodes_per_step
 
-    def _loader(self, stream: str) -> _EpisodeLoader:
+    def _loader(self, stream: str) -> DataLoader:
         if stream not in self.samplers:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[stream])
         if stream not in self.samplers:
@@ -251,7 +272,9 @@ class EpisodicDataModule(L.LightningDataModule):
         episodes = self.episodes[stream]
         transform = self.train_transform if stream == "train" else None
         stream_ds = _EpisodeStream(self.samplers[stream], stream, episodes, batch, world, rank, transform, self.seed)
-        return _EpisodeLoader(stream_ds, self.num_workers, self.pin_memory, self if stream == "train" else None)
+        if stream != "train":  # a plain DataLoader, which Lightning may rebuild (trainer.predict does)
+            return DataLoader(stream_ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return _EpisodeLoader(stream_ds, self.num_workers, self.pin_memory, self)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -58,8 +58,3 @@ class Episode(NamedTuple):
     def to(self, *args, **kwargs) -> Episode:
         """Move every field, like :meth:`torch.Tensor.to`."""
         return Episode(*(t.to(*args, **kwargs) for t in self))
-
-
-def stack_episodes(episodes: list[Episode]) -> Episode:
-    """Stack single-task episodes into a meta-batch ``[B, ...]``."""
-    return Episode(*(torch.stack(field) for field in zip(*episodes)))

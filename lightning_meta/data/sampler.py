@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_meta.data.episode import Episode
 
-STREAMS = {"train": 0, "val": 1, "test": 2, "predict": 3}
+STREAMS = {"train": 0, "val": 1, "test": 2}
 
 
 def episode_rng(seed: int, stream: str, epoch: int, index: int) -> np.random.Generator:
@@ -40,7 +40,10 @@ def labels_of(dataset) -> Tensor:
     for name in ("labels", "targets", "_labels", "y"):
         value = getattr(dataset, name, None)
         if value is not None:
-            labels = torch.as_tensor(np.asarray(value))
+            array = np.asarray(value.cpu() if isinstance(value, Tensor) else value)
+            if array.dtype.kind in "USO":  # class names ("cat", "dog"): numbered in sorted order
+                array = np.unique(array.astype(str), return_inverse=True)[1].reshape(array.shape)
+            labels = torch.as_tensor(array)
             if labels.ndim != 1 or labels.is_floating_point():
                 raise ValueError(
                     f"Expected `{type(dataset).__name__}.{name}` to be a 1-D sequence of integer class labels, "
@@ -68,11 +71,38 @@ def gather(dataset, indices: Tensor) -> Tensor:
     fast = getattr(dataset, "gather", None)
     if callable(fast):
         return fast(indices)
-    items = []
-    for i in indices.tolist():
-        x = dataset[i][0]
-        items.append(torch.as_tensor(np.asarray(x)) if not isinstance(x, Tensor) else x)
+    items = [item_input(dataset, i) for i in indices.tolist()]
+    shapes = {tuple(x.shape) for x in items}
+    if len(shapes) > 1:
+        raise ValueError(_shape_error(dataset, [(i, tuple(x.shape)) for i, x in zip(indices.tolist(), items)]))
     return torch.stack(items)
+
+
+def item_input(dataset, index: int) -> Tensor:
+    x = dataset[index][0]
+    return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def _shape_error(dataset, shapes: list[tuple[int, tuple]]) -> str:
+    first_index, first = shapes[0]
+    odd_index, odd = next((i, s) for i, s in shapes if s != first)
+    return (f"Items of `{type(dataset).__name__}` differ in shape: item {first_index} is {first} but item {odd_index} is "
+            f"{odd}. Episodes stack items into one tensor: resize them to one shape in the dataset (e.g. a "
+            "torchvision Resize transform).")
+
+
+def check_item_shapes(dataset, labels: Tensor, limit: int = 5000) -> None:
+    """Raise before training when a dataset's items differ in shape: every item when there are at most ``limit``,
+    else the first item of each class. In-memory datasets (with ``gather``) hold one tensor and are not read."""
+    if callable(getattr(dataset, "gather", None)):
+        return
+    if len(labels) <= limit:
+        indices = range(len(labels))
+    else:
+        indices = sorted(np.unique(labels.numpy(), return_index=True)[1].tolist())
+    shapes = [(i, tuple(item_input(dataset, i).shape)) for i in indices]
+    if len({s for _, s in shapes}) > 1:
+        raise ValueError(_shape_error(dataset, shapes))
 
 
 class ClassEpisodeSampler:
@@ -95,6 +125,7 @@ class ClassEpisodeSampler:
         self.dataset = dataset
         self.n_way, self.n_shot, self.n_query, self.seed = n_way, n_shot, n_query, seed
         labels = labels_of(dataset)
+        check_item_shapes(dataset, labels)
         classes, counts = torch.unique(labels, return_counts=True)
         self.classes = classes
         # index table [C, max_count]: row c lists the items of class c, padded with -1
@@ -167,7 +198,7 @@ class TaskEpisodeSampler:
     usual K-shot regression).
     """
 
-    def __init__(self, tasks, n_way: int, n_shot: int, n_query: int, seed: int = 0, name: str = "dataset") -> None:
+    def __init__(self, tasks, n_way: int, n_shot: int, n_query: int, seed: int = 0) -> None:
         self.tasks, self.seed = tasks, seed
         self.n_support, self.n_query = n_way * n_shot, n_way * n_query
 
@@ -191,5 +222,5 @@ def make_sampler(source, n_way: int, n_shot: int, n_query: int, seed: int, name:
     if is_learn2learn_taskset(source):
         return Learn2LearnTaskSampler(source, n_way, n_shot, n_query, seed, name)
     if is_task_distribution(source):
-        return TaskEpisodeSampler(source, n_way, n_shot, n_query, seed, name)
+        return TaskEpisodeSampler(source, n_way, n_shot, n_query, seed)
     return ClassEpisodeSampler(source, n_way, n_shot, n_query, seed, name)

@@ -45,33 +45,43 @@ def _plain(module: nn.Module, cls: type) -> bool:
             and not hasattr(module, "parametrizations"))
 
 
-def _steps(module: nn.Module, prefix: str) -> Optional[list]:
-    from lightning_meta.models import _Backbone
+def _steps(module: nn.Module, names: dict[int, str]) -> Optional[list]:
+    """The chain as ``(kind, layer, weight name, bias name)`` steps, every use of a module in order (a layer applied
+    twice appears twice); weights are named by ``names`` (``id(parameter) -> name``), so a parameter shared by two
+    places is one entry of ``params`` and its gradient the sum over its uses."""
+    from lightning_meta.models import Backbone
 
     if isinstance(module, nn.Linear):
-        return [("linear", prefix, module)] if _plain(module, nn.Linear) else None
+        if not _plain(module, nn.Linear):
+            return None
+        bias = names[id(module.bias)] if module.bias is not None else None
+        return [("linear", module, names[id(module.weight)], bias)]
     if isinstance(module, ELEMENTWISE):
         cls = next(c for c in ELEMENTWISE if isinstance(module, c))
-        return [("elementwise", prefix, module)] if _plain(module, cls) else None
+        return [("elementwise", module, None, None)] if _plain(module, cls) else None
     if isinstance(module, nn.Flatten):
         ok = (module.start_dim, module.end_dim) == (1, -1) and _plain(module, nn.Flatten)
-        return [("flatten", prefix, module)] if ok else None
+        return [("flatten", module, None, None)] if ok else None
     if type(module) is nn.Sequential:
         if module._forward_hooks or module._forward_pre_hooks:
             return None
-        children = [(name, _steps(child, f"{prefix}{name}.")) for name, child in module.named_children()]
-        return None if any(s is None for _, s in children) else [step for _, s in children for step in s]
-    if isinstance(module, _Backbone) and type(module).forward is _Backbone.forward:
-        parts = [_steps(module.features, f"{prefix}features.")]
+        children = [_steps(child, names) for child in module]  # every use, duplicates included
+        return None if any(s is None for s in children) else [step for s in children for step in s]
+    if isinstance(module, Backbone) and type(module).forward is Backbone.forward:
+        parts = [_steps(module.features, names)]
         if module.head is not None:
-            parts.append(_steps(module.head, f"{prefix}head."))
+            parts.append(_steps(module.head, names))
         return None if any(p is None for p in parts) else [step for p in parts for step in p]
     return None
 
 
-def _linear(params: dict[str, Tensor], prefix: str, layer: nn.Linear, h: Tensor) -> Tensor:
-    weight = params.get(prefix + "weight", layer.weight)
-    bias = params.get(prefix + "bias", layer.bias)
+def _chain(module: nn.Module) -> Optional[list]:
+    return _steps(module, {id(p): n for n, p in module.named_parameters()})
+
+
+def _linear(params: dict[str, Tensor], layer: nn.Linear, wname: str, bname: Optional[str], h: Tensor) -> Tensor:
+    weight = params.get(wname, layer.weight)
+    bias = params.get(bname, layer.bias) if bname is not None else None
     if weight.dim() == 3 and bias is not None and bias.dim() == 2:
         return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
     h = torch.matmul(h, weight.transpose(-1, -2))
@@ -93,19 +103,19 @@ def batched_chain(module: nn.Module) -> Optional[BatchedForward]:
         >>> batched_chain(nn.Sequential(nn.Conv2d(1, 1, 3))) is None
         True
     """
-    steps = _steps(module, "")
+    steps = _chain(module)
     if steps is None:
         return None
 
     def forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
         h = x
-        for kind, prefix, layer in steps:
+        for kind, layer, wname, bname in steps:
             if kind == "flatten":
                 h = h.flatten(2)
             elif kind == "elementwise":
                 h = layer(h)
             else:
-                h = _linear(params, prefix, layer, h)
+                h = _linear(params, layer, wname, bname, h)
         return h
 
     return forward
@@ -117,11 +127,11 @@ def _loss_and_grad(out: Tensor, y: Tensor, scale: float) -> tuple[Tensor, Tensor
     gradient of their sum with respect to ``out``, in ``out``'s dtype."""
     n = y.shape[1]
     if y.is_floating_point():
-        squeeze = out.shape[-1] == 1 and out.dim() == y.dim() + 1
+        squeeze = out.shape != y.shape and out.shape[-1] == 1 and out.dim() == y.dim() + 1
         diff = (out.squeeze(-1) if squeeze else out).float() - y.float()
         with torch.no_grad():
-            losses = diff.pow(2).mean(-1)
-        d = diff * (2.0 * scale / n)
+            losses = diff.pow(2).flatten(1).mean(-1)  # over each task's examples (and their target dimensions)
+        d = diff * (2.0 * scale / diff[0].numel())
         d = d.unsqueeze(-1) if squeeze else d
     else:
         logits = out.float()
@@ -131,6 +141,11 @@ def _loss_and_grad(out: Tensor, y: Tensor, scale: float) -> tuple[Tensor, Tensor
         d = torch.softmax(logits, -1) - F.one_hot(y, logits.shape[-1]).to(logits.dtype)
         d = d * (scale / n)
     return losses, d.to(out.dtype)
+
+
+def _accumulate(grads: dict[str, Tensor], name: str, g: Tensor) -> None:
+    """A parameter used in several places gets the sum of the gradients of its uses."""
+    grads[name] = grads[name] + g if name in grads else g
 
 
 def batched_chain_grads(module: nn.Module) -> Optional[BatchedGrads]:
@@ -155,19 +170,19 @@ def batched_chain_grads(module: nn.Module) -> Optional[BatchedGrads]:
         >>> all(torch.allclose(grads[k], g, atol=1e-6) for k, g in zip(params, reference))
         True
     """
-    steps = _steps(module, "")
-    if steps is None or any(kind == "elementwise" and type(layer) not in _DERIVATIVES for kind, _, layer in steps):
+    steps = _chain(module)
+    if steps is None or any(kind == "elementwise" and type(layer) not in _DERIVATIVES for kind, layer, _, _ in steps):
         return None
-    kinds = [kind for kind, _, _ in steps if kind != "elementwise"]
+    kinds = [kind for kind, _, _, _ in steps if kind != "elementwise"]
     flattens_first = bool(kinds) and kinds[0] == "flatten"
-    first_linear = next((i for i, (kind, _, _) in enumerate(steps) if kind == "linear"), None)
+    first_linear = next((i for i, (kind, _, _, _) in enumerate(steps) if kind == "linear"), None)
 
     def grads(params: dict[str, Tensor], x: Tensor, y: Tensor, scale: float, create_graph: bool):
         if first_linear is None or not (x.dim() == 3 or flattens_first):
             return None
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
             h, saved = x, []
-            for kind, prefix, layer in steps:  # forward, keeping what the backward needs
+            for kind, layer, wname, bname in steps:  # forward, keeping what the backward needs
                 if kind == "flatten":
                     saved.append(h.shape)
                     h = h.flatten(2)
@@ -176,21 +191,21 @@ def batched_chain_grads(module: nn.Module) -> Optional[BatchedGrads]:
                     saved.append((z, h))
                 else:
                     saved.append(h)
-                    h = _linear(params, prefix, layer, h)
+                    h = _linear(params, layer, wname, bname, h)
             losses, d = _loss_and_grad(h, y, scale)
             out: dict[str, Tensor] = {}
             for i in range(len(steps) - 1, first_linear - 1, -1):  # backward, down to the first linear layer
-                kind, prefix, layer = steps[i]
+                kind, layer, wname, bname = steps[i]
                 if kind == "flatten":
                     d = d.reshape(saved[i])
                 elif kind == "elementwise":
                     d = _DERIVATIVES[type(layer)](layer, d, *saved[i])
                 else:
-                    weight = params.get(prefix + "weight", layer.weight)
-                    if prefix + "weight" in params:
-                        out[prefix + "weight"] = torch.bmm(d.transpose(1, 2), saved[i])
-                    if prefix + "bias" in params:
-                        out[prefix + "bias"] = d.sum(1)
+                    weight = params.get(wname, layer.weight)
+                    if wname in params:
+                        _accumulate(out, wname, torch.bmm(d.transpose(1, 2), saved[i]))
+                    if bname in params:
+                        _accumulate(out, bname, d.sum(1))
                     if i > first_linear:
                         d = torch.bmm(d, weight) if weight.dim() == 3 else torch.matmul(d, weight)
         grads = {}

@@ -1,32 +1,43 @@
+"""Per-task losses and accuracies of episodes: the numbers every learner and metric reduces."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def per_task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+def per_task_loss(outputs: Tensor, targets: Tensor, target_ndim: int = 0) -> Tensor:
     """Mean loss of each task ``[...]``: cross-entropy for integer labels, MSE for float targets.
 
-    ``outputs`` are logits ``[..., M, N]`` or predictions ``[..., M]`` / ``[..., M, 1]``; ``targets`` are ``[..., M]``.
+    ``outputs`` are logits ``[..., M, N]`` or predictions shaped like the targets; ``targets`` are ``[..., M]`` labels
+    or scalar targets, or ``[..., M, *D]`` vector targets with ``target_ndim = len(D)`` trailing dimensions (e.g.
+    ``[B, M, 2]`` with ``target_ndim=1`` for two-dimensional regression). A task's MSE is the mean over its M examples
+    and their D outputs. Predictions ``[..., M, 1]`` for scalar targets ``[..., M]`` are taken as ``[..., M]``.
 
     Example:
         >>> per_task_loss(torch.tensor([[[0., 10.], [10., 0.]]]), torch.tensor([[1, 0]])).shape
         torch.Size([1])
         >>> per_task_loss(torch.tensor([[1.], [3.]]), torch.tensor([1., 1.]))
         tensor(2.)
+        >>> per_task_loss(torch.zeros(4, 5, 2), torch.ones(4, 5, 2), target_ndim=1).shape   # 4 tasks of 2-D targets
+        torch.Size([4])
     """
     if targets.is_floating_point():
-        if outputs.shape[-1] == 1 and outputs.dim() == targets.dim() + 1:
+        if outputs.shape != targets.shape and outputs.shape[-1] == 1 and outputs.dim() == targets.dim() + 1:
             outputs = outputs.squeeze(-1)
-        return (outputs.float() - targets.float()).pow(2).mean(-1)
+        if outputs.shape != targets.shape:
+            raise ValueError(f"Expected predictions shaped like the targets {tuple(targets.shape)}, but got "
+                             f"{tuple(outputs.shape)}: the model's output size must equal the target size.")
+        error = (outputs.float() - targets.float()).pow(2)
+        return error.flatten(error.dim() - 1 - target_ndim).mean(-1)
     logits = outputs.float()
     flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return flat.view(targets.shape).mean(-1)
 
 
-def episode_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """The meta-loss: the mean over tasks of :func:`per_task_loss`."""
-    return per_task_loss(outputs, targets).mean()
+def target_ndim(targets: Tensor, batch_dims: int) -> int:
+    """Trailing target dimensions of each example: 0 for labels and scalar targets, 1 for ``[.., M, D]`` targets."""
+    return targets.dim() - batch_dims - 1 if targets.is_floating_point() else 0
 
 
 def episode_accuracy(logits: Tensor, targets: Tensor) -> Tensor:

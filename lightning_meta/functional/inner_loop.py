@@ -6,14 +6,41 @@ from collections.abc import Callable
 from typing import Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 
 from lightning_meta._checks import surely_finite
 from lightning_meta.functional.batched import BatchedGrads
-from lightning_meta.functional.episode import per_task_loss
+from lightning_meta.functional.episode import per_task_loss, target_ndim
 
 Params = dict[str, Tensor]
 LearningRates = Callable[[int], dict[str, Union[Tensor, float]]]
+
+
+def functional_forward(module: nn.Module) -> Callable[[Params, Tensor], Tensor]:
+    """``forward(params, x)``: ``module(x)`` with the parameters named in ``params`` (names as in
+    ``module.named_parameters()``) in place of its own, for ``torch.func`` (``vmap``, ``grad``) and autograd alike.
+
+    A parameter used in several places (one module applied twice, or weights tied between two modules) is replaced in
+    every place, so its gradient is the sum over its uses, as in the module itself. (``functional_call``'s own weight
+    tying leaves a module registered under two names with a non-leaf tensor in place of its parameter.)
+
+    Example:
+        >>> shared = nn.Linear(2, 2)
+        >>> net = nn.Sequential(shared, nn.ReLU(), shared)           # one layer, used twice
+        >>> params = {n: p * 0 for n, p in net.named_parameters()}   # '0.weight', '0.bias'
+        >>> functional_forward(net)(params, torch.ones(1, 2)).tolist(), all(p.is_leaf for p in net.parameters())
+        ([[0.0, 0.0]], True)
+    """
+    canonical = {id(p): name for name, p in module.named_parameters()}
+    places = {(f"{prefix}.{attr}" if prefix else attr): canonical[id(p)]
+              for prefix, m in module.named_modules() for attr, p in m.named_parameters(recurse=False)}
+
+    def forward(params: Params, x: Tensor) -> Tensor:
+        values = {place: params[name] for place, name in places.items() if name in params}
+        return functional_call(module, values, (x,), tie_weights=False, strict=False)
+
+    return forward
 
 
 def scaled_grad(
@@ -102,9 +129,10 @@ def inner_adapt(
         (2.0, [4.0], [True])
     """
     trajectory, losses, finite = [params], [], []
+    ndim = target_ndim(support_y, 0)
     for step in range(steps):
         create_graph = None if engine == "func" else not first_order
-        grads, loss = scaled_grad(lambda p: per_task_loss(forward(p, support_x), support_y), params, loss_scale,
+        grads, loss = scaled_grad(lambda p: per_task_loss(forward(p, support_x), support_y, ndim), params, loss_scale,
                                   create_graph)
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}
@@ -155,10 +183,11 @@ def inner_adapt_batched(
         ([2.0, 2.5], [[4.0], [1.0]])
     """
     trajectory, losses = [params], []
+    ndim = target_ndim(support_y, 1)
     for step in range(steps):
         got = support_grads(params, support_x, support_y, loss_scale, not first_order) if support_grads else None
         if got is None:
-            got = scaled_grad(lambda p: per_task_loss(forward(p, support_x), support_y), params, loss_scale,
+            got = scaled_grad(lambda p: per_task_loss(forward(p, support_x), support_y, ndim), params, loss_scale,
                               create_graph=not first_order)
         grads, task_losses = got  # task_losses [B]
         rates = learning_rates(step)

@@ -56,6 +56,7 @@ class AttentionLearner(MetaLearner):
         dim, depth, heads, dropout: transformer width, blocks, attention heads and dropout.
         query_attention: let queries attend to each other (transductive).
         embedding_dim: D, the backbone's embedding size (read from ``backbone.embedding_dim`` when absent).
+        target_dim: size of each regression target (1 for scalar targets ``[B, M]``; D for ``[B, M, D]``).
 
     Example:
         >>> from lightning_meta.models import MLP
@@ -76,6 +77,7 @@ class AttentionLearner(MetaLearner):
         dropout: float = 0.0,
         query_attention: bool = False,
         embedding_dim: Optional[int] = None,
+        target_dim: int = 1,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         optimizer: str = "adam",
@@ -85,7 +87,8 @@ class AttentionLearner(MetaLearner):
         nonfinite: str = "raise",
     ) -> None:
         super().__init__(lr, weight_decay, optimizer, lr_scheduler, lr_step_epochs, lr_gamma, nonfinite)
-        for name, value, minimum in (("max_way", max_way, 2), ("dim", dim, 1), ("depth", depth, 1), ("heads", heads, 1)):
+        for name, value, minimum in (("max_way", max_way, 2), ("dim", dim, 1), ("depth", depth, 1), ("heads", heads, 1),
+                                     ("target_dim", target_dim, 1)):
             check_int(name, value, minimum)
         if dim % heads:
             raise ValueError(f"Expected `dim` ({dim}) to be divisible by `heads` ({heads}).")
@@ -96,11 +99,11 @@ class AttentionLearner(MetaLearner):
         self.backbone, self.max_way = backbone, max_way
         self.input = nn.Linear(embedding_dim, dim)
         self.label = nn.Linear(dim, dim)  # embeds a label by its class token
-        self.target = nn.Linear(1, dim)  # embeds a regression target
+        self.target = nn.Linear(target_dim, dim)  # embeds a regression target
         self.markers = nn.Parameter(torch.randn(3, dim) * 0.02)  # class, support, unknown-label
         self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.readout = nn.Linear(dim, 1)
+        self.readout = nn.Linear(dim, target_dim)
         self.query_attention = query_attention
 
     def check_episode(self, batch: Episode) -> int:
@@ -109,6 +112,12 @@ class AttentionLearner(MetaLearner):
             raise ValueError(
                 f"This episode has {n_way} classes but the AttentionLearner was built for at most max_way="
                 f"{self.max_way}: sample at most {self.max_way}-way episodes or build it with max_way>={n_way}."
+            )
+        size = (batch.support_y.shape[2] if batch.support_y.dim() == 3 else 1) if batch.is_regression else None
+        if size is not None and size != self.target.in_features:
+            raise ValueError(
+                f"This regression episode has targets of size {size} per example, but the AttentionLearner was built "
+                f"with target_dim={self.target.in_features}: build it with target_dim={size}."
             )
         return n_way
 
@@ -133,13 +142,22 @@ class AttentionLearner(MetaLearner):
     def forward_episode(self, batch: Episode) -> Tensor:
         sx, sy, qx, _ = batch
         b, s, m = sx.shape[0], sx.shape[1], qx.shape[1]
-        e = self.input(self.backbone(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)])).flatten(1))
+        features = self.backbone(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)])).flatten(1)
+        if features.shape[1] != self.input.in_features:
+            raise ValueError(
+                f"The backbone gives embeddings of size {features.shape[1]}, but the AttentionLearner was built with "
+                f"embedding_dim={self.input.in_features}: pass embedding_dim={features.shape[1]}."
+            )
+        e = self.input(features)
         support, query = e[: b * s].view(b, s, -1), e[b * s :].view(b, m, -1)  # [B, S, D], [B, M, D]
         query = query + self.markers[2]
         if sy.is_floating_point():
-            support = support + self.target(sy.unsqueeze(-1).to(support.dtype)) + self.markers[1]
+            scalar = sy.dim() == 2
+            targets = sy.unsqueeze(-1) if scalar else sy  # [B, S, target_dim]
+            support = support + self.target(targets.to(support.dtype)) + self.markers[1]
             out = self._run(torch.cat([support, query], 1), s)
-            return self.readout(out[:, s:]) + self._unused(self.label, self.markers[0])  # [B, M, 1]
+            predictions = self.readout(out[:, s:]) + self._unused(self.label, self.markers[0])  # [B, M, target_dim]
+            return predictions.squeeze(-1) if scalar else predictions  # shaped like the targets
         n_way = int(sy.max()) + 1
         classes = class_prototypes(support, sy, n_way) + self.markers[0]  # [B, N, D]
         support = support + self.label(torch.gather(classes, 1, sy.unsqueeze(-1).expand_as(support))) + self.markers[1]
@@ -162,8 +180,9 @@ class AttentionLearner(MetaLearner):
 
         def predict(query_x: Tensor) -> Tensor:
             with self.evaluating():
-                qx = query_x.to(batch.support_x.device)[None]
-                qy = torch.zeros(qx.shape[:2], dtype=batch.support_y.dtype, device=qx.device)
+                qx = self.as_inputs(query_x, "query_x")[None]
+                sy = batch.support_y
+                qy = torch.zeros(qx.shape[:2] + sy.shape[2:], dtype=sy.dtype, device=qx.device)
                 return self.forward_episode(Episode(batch.support_x, batch.support_y, qx, qy))[0]
 
         return TaskPredictor(self, predict, n_way)

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from lightning_meta._checks import check_positive, surely_finite
 from lightning_meta.checkpoint import CheckedCheckpointIO, read_checkpoint, rng_states, set_rng_states
 from lightning_meta.data.episode import Episode
-from lightning_meta.functional.episode import episode_accuracy, per_task_loss
-from lightning_meta.metrics import EpisodeMean
+from lightning_meta.functional.episode import episode_accuracy, per_task_loss, target_ndim
+from lightning_meta.metrics import EpisodeCount, EpisodeMean
+from lightning_meta.models import backbone_spec, build_backbone
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULERS = (None, "cosine", "step")
@@ -94,6 +95,7 @@ class MetaLearner(L.LightningModule):
         # per-stage episode metrics (ModuleDict keys may not shadow Module methods such as `train`)
         self.metrics = nn.ModuleDict({f"{stage}_value": EpisodeMean() for stage in STAGES})
         self.losses = nn.ModuleDict({f"{stage}_loss": EpisodeMean() for stage in STAGES})
+        self.diverged = nn.ModuleDict({f"{stage}_diverged": EpisodeCount() for stage in STAGES})
         self._regression: Optional[bool] = None
         self._pending_rng: Optional[dict] = None
 
@@ -108,25 +110,52 @@ class MetaLearner(L.LightningModule):
 
     def meta_loss(self, batch: Episode, outputs: Tensor) -> Tensor:
         """The loss the outer loop minimises (default: mean query loss over the tasks)."""
-        return per_task_loss(outputs, batch.query_y).mean()
+        return per_task_loss(outputs, batch.query_y, target_ndim(batch.query_y, 1)).mean()
 
     def check_episode(self, batch: Episode) -> int:
         """Validate a meta-batch before any work; returns its number of ways (1 for regression)."""
         return check_episode(batch)
 
+    def as_inputs(self, x: Tensor, name: str = "inputs") -> Tensor:
+        """Inputs in the dtype of the learner's weights: other float dtypes are cast (float64 data in a float32
+        model); ``uint8`` images are refused, since their scale (0..255) is not the [0, 1] the datasets give."""
+        x = torch.as_tensor(x)
+        if x.dtype == torch.uint8:
+            raise TypeError(f"Expected `{name}` to be float inputs (images in [0, 1]), but got torch.uint8: convert "
+                            "them with x.float() / 255.")
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), x.dtype)
+        device = next((p.device for p in self.parameters()), x.device)
+        return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+
+    def prepare_episode(self, batch: Any) -> Episode:
+        """A meta-batch in the form the learners compute on: integer labels of any width as int64 (bool labels are
+        refused), float inputs in the weights' dtype (:meth:`as_inputs`). Raises for anything but a 4-tuple."""
+        if not isinstance(batch, tuple) or len(batch) != 4:
+            raise TypeError(
+                f"Expected an Episode(support_x, support_y, query_x, query_y) meta-batch, but got "
+                f"{type(batch).__name__}. For one task, use `learner.adapt(support_x, support_y)(query_x)`."
+            )
+        sx, sy, qx, qy = (torch.as_tensor(t) for t in batch)
+        return Episode(self.as_inputs(sx, "support_x"), as_targets(sy, "support_y"), self.as_inputs(qx, "query_x"),
+                       as_targets(qy, "query_y"))
+
     # ------------------------------------------------------------------ steps
     def forward(self, batch: Episode) -> Tensor:
+        """Query outputs of a meta-batch (see :meth:`forward_episode`), after the same checks as a training step."""
+        batch = self.prepare_episode(batch)
+        self.check_episode(batch)
         return self.forward_episode(batch)
 
     def _step(self, batch: Any, stage: str) -> Optional[Tensor]:
-        batch = Episode(*batch)
+        batch = self.prepare_episode(batch)
         self.check_episode(batch)
         outputs = self.forward_episode(batch)
         loss = self.meta_loss(batch, outputs)
-        if stage == "train" and not torch.isfinite(loss):
+        if stage == "train" and not self._all_finite(loss):
             step = self.trainer.global_step if self._trainer is not None else 0
             if self.hparams.get("nonfinite", "raise") == "skip":
-                rank_zero_warn(f"Skipped meta-batch at global step {step}: the meta-loss is {loss.item()}.")
+                rank_zero_warn(f"Skipped meta-batch at global step {step}: the meta-loss is {loss.item()} (on this or "
+                               "another process).")
                 return None
             raise FloatingPointError(
                 f"The meta-loss became {loss.item()} at global step {step} (epoch {self.current_epoch}, batch "
@@ -137,18 +166,28 @@ class MetaLearner(L.LightningModule):
         self._log_step(batch, outputs.detach(), loss.detach(), stage)
         return loss
 
+    def _all_finite(self, loss: Tensor) -> bool:
+        """Whether the meta-loss is finite on every process: under DDP all ranks take the same decision (skip, or
+        stop), so no rank waits in a gradient all-reduce that another rank skipped."""
+        finite = bool(torch.isfinite(loss))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        return finite
+
     def _log_step(self, batch: Episode, outputs: Tensor, loss: Tensor, stage: str) -> None:
         regression = batch.is_regression
         self._regression = regression
         if stage == "train" and self._trainer is None:
             return  # a bare training_step call (tests, notebooks, benchmarks) has nowhere to log
-        per_task = per_task_loss(outputs, batch.query_y)
+        per_task = per_task_loss(outputs, batch.query_y, target_ndim(batch.query_y, 1))
         value = per_task if regression else episode_accuracy(outputs, batch.query_y)
         b = batch.num_tasks
         name = "mse" if regression else "acc"
-        if stage != "train":
-            self.metrics[f"{stage}_value"].update(value)
-            self.losses[f"{stage}_loss"].update(per_task)
+        if stage != "train":  # a diverged task (NaN outputs, e.g. MAML's inner loop) is counted, not averaged
+            ok = torch.isfinite(outputs.flatten(1).float()).all(1)
+            self.diverged[f"{stage}_diverged"].update(~ok)
+            self.metrics[f"{stage}_value"].update(value[ok])
+            self.losses[f"{stage}_loss"].update(per_task[ok])
         else:
             self.log("train/loss", loss, prog_bar=True, batch_size=b)
             self.log(f"train/{name}", value.mean(), prog_bar=True, batch_size=b)
@@ -159,10 +198,15 @@ class MetaLearner(L.LightningModule):
         name = "mse" if self._regression else "acc"
         mean, ci95 = self.metrics[f"{stage}_value"].compute()
         loss, _ = self.losses[f"{stage}_loss"].compute()
+        diverged = self.diverged[f"{stage}_diverged"].compute()
         self.log_dict({f"{stage}/loss": loss, f"{stage}/{name}": mean, f"{stage}/{name}_ci95": ci95},
                       prog_bar=stage == "val")
-        self.metrics[f"{stage}_value"].reset()
-        self.losses[f"{stage}_loss"].reset()
+        self.log(f"{stage}/diverged", diverged.float())
+        if diverged > 0:
+            rank_zero_warn(f"{int(diverged)} {stage} tasks diverged (non-finite outputs) and are left out of {stage}/"
+                           f"{name}, which averages the other tasks; lower the inner learning rate.")
+        for metric in (self.metrics[f"{stage}_value"], self.losses[f"{stage}_loss"], self.diverged[f"{stage}_diverged"]):
+            metric.reset()
 
     def training_step(self, batch: Episode, batch_idx: int) -> Optional[Tensor]:
         return self._step(batch, "train")
@@ -174,9 +218,8 @@ class MetaLearner(L.LightningModule):
         self._step(batch, "test")
 
     def predict_step(self, batch: Episode, batch_idx: int) -> Tensor:
-        batch = Episode(*batch)
-        self.check_episode(batch)
-        return self.forward_episode(batch)
+        """Query outputs of the meta-batch: logits ``[B, M, N]``, or predictions shaped like ``query_y``."""
+        return self(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
@@ -193,9 +236,14 @@ class MetaLearner(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lightning_meta_rng"] = rng_states()
+        spec = backbone_spec(self.backbone)
+        if spec is not None:  # lets load_from_checkpoint rebuild the backbone without being given one
+            checkpoint["lightning_meta_backbone"] = spec
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_rng = checkpoint.get("lightning_meta_rng")
+        # only a resumed fit continues the saved random streams; loading weights must not reseed a later, other run
+        resuming = self._trainer is not None and self.trainer.state.fn == "fit"
+        self._pending_rng = checkpoint.get("lightning_meta_rng") if resuming else None
 
     def on_train_start(self) -> None:
         # Lightning does not restore global RNG states; a resumed run continues the saved streams (dropout...)
@@ -205,8 +253,19 @@ class MetaLearner(L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):  # type: ignore[override]
-        """Lightning's ``load_from_checkpoint``; a missing, corrupt or truncated file gets an error naming it."""
-        read_checkpoint(checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only"))
+        """Lightning's ``load_from_checkpoint``; a missing, corrupt or truncated file gets an error naming it. The
+        backbone is rebuilt from the checkpoint when it is one of :mod:`lightning_meta.models` (they record their
+        arguments); for any other module pass it again: ``load_from_checkpoint(path, backbone=MyNet(...))``."""
+        checkpoint = read_checkpoint(checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only"))
+        if "backbone" not in kwargs and not args:
+            spec = checkpoint.get("lightning_meta_backbone")
+            if spec is None:
+                raise TypeError(
+                    f"The checkpoint {checkpoint_path} was trained with a backbone that is not one of "
+                    "lightning_meta.models, so it cannot be rebuilt from the file: pass it again, e.g. "
+                    f"{cls.__name__}.load_from_checkpoint(path, backbone=MyNet(...)), built as for training."
+                )
+            kwargs["backbone"] = build_backbone(spec)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ optimizers
@@ -216,7 +275,11 @@ class MetaLearner(L.LightningModule):
         kwargs = {"lr": hp.get("lr", 1e-3), "weight_decay": hp.get("weight_decay", 0.0)}
         if name == "sgd":
             kwargs["momentum"] = 0.9
-        optimizer = OPTIMIZERS[name](self.parameters(), **kwargs)
+        exempt = {id(p) for p in self.no_weight_decay()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in exempt]}]
+        if exempt:
+            groups.append({"params": [p for p in self.parameters() if id(p) in exempt], "weight_decay": 0.0})
+        optimizer = OPTIMIZERS[name](groups, **kwargs)
         schedule = hp.get("lr_scheduler")
         if schedule is None:
             return optimizer
@@ -226,6 +289,11 @@ class MetaLearner(L.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.get("lr_step_epochs", 10), hp.get("lr_gamma", 0.5))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        """Parameters the outer optimizer never decays (MAML family: the learned inner learning rates, which decay
+        would pull towards zero, i.e. towards no adaptation)."""
+        return []
 
     def _total_steps(self) -> int:
         """Optimizer steps of the whole run. For an EpisodicDataModule this is arithmetic: Lightning's
@@ -243,28 +311,48 @@ class MetaLearner(L.LightningModule):
 
     # ------------------------------------------------------------------ single-task helpers
     @contextlib.contextmanager
-    def evaluating(self) -> Iterator[None]:
-        """Evaluation mode without gradients for the duration, then the previous mode again."""
+    def mode(self, training: bool) -> Iterator[None]:
+        """Training or evaluation mode for the duration, then the previous mode again."""
         was_training = self.training
-        self.eval()
+        self.train(training)
         try:
-            with torch.no_grad():
-                yield
+            yield
         finally:
             self.train(was_training)
 
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Evaluation mode without gradients for the duration, then the previous mode again."""
+        with self.mode(training=False), torch.no_grad():
+            yield
+
     def _single_task(self, support_x: Tensor, support_y: Tensor) -> tuple[Episode, int]:
         """Check one task's support set and return it as a meta-batch of one, with its number of ways."""
-        support_x, support_y = torch.as_tensor(support_x), torch.as_tensor(support_y)
-        if support_y.dim() != 1:
+        support_x, support_y = self.as_inputs(support_x, "support_x"), as_targets(support_y, "support_y")
+        if support_y.dim() != 1 and not (support_y.is_floating_point() and support_y.dim() == 2):
             raise ValueError(
-                f"`adapt` takes one task without a batch dimension: support_y must be [N*K], got shape "
-                f"{tuple(support_y.shape)}. For a meta-batch, call the learner on an Episode instead."
+                f"`adapt` takes one task without a batch dimension: support_y must be [N*K] labels or targets, or "
+                f"[N*K, D] vector targets, but got shape {tuple(support_y.shape)}. For a meta-batch, call the learner "
+                "on an Episode instead."
             )
-        device = next(self.parameters()).device
-        x, y = support_x.to(device).unsqueeze(0), support_y.to(device).unsqueeze(0)
+        x, y = support_x.unsqueeze(0), support_y.to(support_x.device).unsqueeze(0)
         batch = Episode(x, y, x[:, :1], y[:, :1])
         return batch, self.check_episode(batch)
+
+
+def as_targets(y: Tensor, name: str = "labels") -> Tensor:
+    """Labels as int64 whatever their integer width (int32 and uint8 labels are common in datasets); float targets
+    (regression) as they are. Boolean labels are refused: say which classes they are with integers 0..N-1.
+
+    Example:
+        >>> as_targets(torch.tensor([0, 1], dtype=torch.int32)).dtype
+        torch.int64
+    """
+    y = torch.as_tensor(y)
+    if y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"Expected `{name}` to be integer class labels 0..N-1 or float regression targets, but got "
+                        f"{y.dtype}.")
+    return y if y.is_floating_point() else y.long()
 
 
 def check_episode(batch: Episode) -> int:
@@ -275,12 +363,16 @@ def check_episode(batch: Episode) -> int:
     for name, t in zip(Episode._fields, batch):
         if not isinstance(t, Tensor):
             raise TypeError(f"Episode.{name} must be a tensor, but got {type(t).__name__}.")
-    if sy.dim() != 2 or qy.dim() != 2:
+    vector = sy.is_floating_point() and sy.dim() == 3 and qy.dim() == 3  # [B, n, D] regression targets
+    if not vector and (sy.dim() != 2 or qy.dim() != 2):
         raise ValueError(
-            f"Expected support_y [B, N*K] and query_y [B, M] with a meta-batch dimension, but got shapes "
-            f"{tuple(sy.shape)} and {tuple(qy.shape)}."
+            f"Expected support_y [B, N*K] and query_y [B, M] with a meta-batch dimension (or [B, N*K, D] and "
+            f"[B, M, D] float targets for D-dimensional regression), but got shapes {tuple(sy.shape)} and "
+            f"{tuple(qy.shape)}."
         )
-    if sx.shape[:2] != sy.shape or qx.shape[:2] != qy.shape:
+    if vector and sy.shape[2] != qy.shape[2]:
+        raise ValueError(f"Support and query targets differ in size: {sy.shape[2]} vs {qy.shape[2]} per example.")
+    if sx.shape[:2] != sy.shape[:2] or qx.shape[:2] != qy.shape[:2]:
         raise ValueError(
             f"Episode inputs and labels disagree: support_x {tuple(sx.shape)} vs support_y {tuple(sy.shape)}, "
             f"query_x {tuple(qx.shape)} vs query_y {tuple(qy.shape)} (the first two dimensions must match)."

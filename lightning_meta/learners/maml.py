@@ -8,13 +8,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lightning_meta._checks import check_int, check_positive
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional.batched import batched_chain, batched_chain_grads
-from lightning_meta.functional.episode import per_task_loss
-from lightning_meta.functional.inner_loop import inner_adapt, inner_adapt_batched
+from lightning_meta.functional.episode import per_task_loss, target_ndim
+from lightning_meta.functional.inner_loop import functional_forward, inner_adapt, inner_adapt_batched
 from lightning_meta.learners.base import MetaLearner, TaskPredictor
 
 TASK_PARALLEL = ("auto", "vmap", "loop")
@@ -113,10 +112,10 @@ class MAML(MetaLearner):
         >>> from lightning_meta.models import MLP
         >>> maml = MAML(MLP(1, (40, 40), 1), inner_lr=0.01, inner_steps=1)
         >>> ep = Episode(torch.randn(4, 10, 1), torch.randn(4, 10), torch.randn(4, 10, 1), torch.randn(4, 10))
-        >>> maml(ep).shape
-        torch.Size([4, 10, 1])
+        >>> maml(ep).shape                # predictions shaped like the targets
+        torch.Size([4, 10])
         >>> maml.adapt(ep.support_x[0], ep.support_y[0])(torch.randn(3, 1)).shape
-        torch.Size([3, 1])
+        torch.Size([3])
     """
 
     adapt_head_only = False
@@ -170,6 +169,7 @@ class MAML(MetaLearner):
         if not names:
             raise ValueError("The backbone has no trainable parameters to adapt.")
         self._adapted_names = names
+        self._forward = functional_forward(module)  # (params, x) -> outputs; shared weights replaced in every use
         self.task_parallel = task_parallel
         self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
         self._batched_forward = batched_chain(module)  # a fast vmap replacement for linear/activation chains
@@ -252,9 +252,7 @@ class MAML(MetaLearner):
         module = self._adapted_module()
         params = {n: p for n, p in module.named_parameters() if n in self._adapted_names}
         rates, scale = self._rates(), self._loss_scale()
-
-        def forward(p, x):
-            return functional_call(module, p, (x,))
+        forward = self._forward
 
         def pick(trajectory):
             chosen = trajectory[1:] if all_steps else trajectory[-1:]
@@ -306,20 +304,24 @@ class MAML(MetaLearner):
             self._streamed = (total, [(p, g) for p, g in zip(leaves, summed) if g is not None])
         return results
 
-    def _raise_nonfinite(self, losses: Tensor, finite: Tensor) -> bool:
-        """Raise naming the first non-finite inner step and task; with ``nonfinite="skip"`` in training, return
-        True instead (the meta-loss is then made NaN, so the base class skips the meta-batch with a warning)."""
+    def _raise_nonfinite(self, losses: Tensor, finite: Tensor, evaluating: bool = False) -> Optional[Tensor]:
+        """Raise naming the first non-finite inner step and task. Returns the tasks ``[B]`` to drop instead: every
+        diverged task in evaluation (``evaluating``: its outputs become NaN, and the base class counts it as diverged
+        and leaves it out of the metrics, so one diverged task does not abort a test run), or, with
+        ``nonfinite="skip"`` in training, all of them (the meta-loss becomes NaN, so the meta-batch is skipped)."""
         bad = (~torch.isfinite(losses)) | (~finite)
         if bad.any():
             task, step = (int(i) for i in bad.nonzero()[0])
+            if evaluating:
+                return bad.any(1)
             if self.hparams.get("nonfinite", "raise") == "skip" and self.training:
-                return True  # the query outputs may still be finite (a -inf bias behind a ReLU): never train on it
+                return torch.ones_like(bad[:, 0])  # the query outputs may still be finite (a -inf bias behind a ReLU)
             raise FloatingPointError(
                 f"MAML inner loop: the support loss, its gradient or the adapted parameters became non-finite at inner "
                 f"step {step} of task {task} in the meta-batch (loss {losses[task, step].item()}). Lower `inner_lr`, "
                 "use `inner_loss_scale` under float16, or check the inputs."
             )
-        return False
+        return None
 
     @contextlib.contextmanager
     def _grad_mode(self):
@@ -339,32 +341,37 @@ class MAML(MetaLearner):
         stream = None
         if self._stream_next and training and torch.is_grad_enabled():
             weights = self.msl_weights().to(sx.device) if msl else None
-            b = sx.shape[0]
+            b, ndim = sx.shape[0], target_ndim(qy, 1)
 
             def stream(idx, out):  # the share of meta_loss of tasks idx (out [c, T, M, ...]): the same terms
                 if weights is None:
-                    return per_task_loss(out[:, -1], qy[idx]).sum() / b
-                per_step = torch.stack([per_task_loss(out[:, t], qy[idx]) for t in range(out.shape[1])], 1)
+                    return per_task_loss(out[:, -1], qy[idx], ndim).sum() / b
+                per_step = torch.stack([per_task_loss(out[:, t], qy[idx], ndim) for t in range(out.shape[1])], 1)
                 return (weights * per_step).sum() / b
         with self._grad_mode() as cloned:
             if cloned:  # inference tensors cannot enter autograd: take normal copies
                 sx, sy, qx = sx.clone(), sy.clone(), qx.clone()
-            if type(self).encode is not MAML.encode:  # ANIL: the body, once for support and queries together
-                s = sx.shape[1]
-                encoded = self.encode(torch.cat([sx, qx], dim=1))  # [B, S+M, ...]
-                sx, qx = encoded[:, :s], encoded[:, s:]
+            if type(self).encode is not MAML.encode:  # ANIL: the body, support and queries each as adapt() runs it
+                sx, qx = self.encode(sx), self.encode(qx)
             if not training:
                 sx, qx = sx.detach(), qx.detach()
             outputs, losses, finite = self._run_tasks(
                 sx, sy, qx, steps, first_order=not training or self._first_order_now(), all_steps=msl, stream=stream,
             )
-            if self._raise_nonfinite(losses.detach(), finite):
-                outputs = torch.full_like(outputs.detach(), float("nan"))  # skipped by the base class, with a warning
+            dropped = self._raise_nonfinite(losses.detach(), finite, evaluating=not training)
+            if dropped is not None:  # NaN outputs: a skipped meta-batch in training, diverged tasks in evaluation
+                outputs = outputs.detach().masked_fill(dropped.view(-1, *[1] * (outputs.dim() - 1)), float("nan"))
                 self._streamed = None  # so the meta-loss comes from these outputs: NaN
             if not training:
                 outputs = outputs.detach()
         self._step_outputs = outputs if msl else None
-        return outputs[:, -1]  # [B, M, N]
+        return self._like_targets(outputs[:, -1], qy)  # [B, M, N] logits, or predictions shaped like query_y
+
+    @staticmethod
+    def _like_targets(outputs: Tensor, targets: Tensor) -> Tensor:
+        """Regression predictions ``[.., M, 1]`` for scalar targets ``[.., M]`` as ``[.., M]``; others unchanged."""
+        scalar = targets.is_floating_point() and outputs.dim() == targets.dim() + 1 and outputs.shape[-1] == 1
+        return outputs.squeeze(-1) if scalar else outputs
 
     def _streams(self) -> bool:
         """Training on the task loop takes each task's meta-gradient as soon as the task is done and frees its graph,
@@ -393,7 +400,16 @@ class MAML(MetaLearner):
                 f"This is a {n_way}-way episode but the model's head has {expected} outputs: build the backbone with "
                 f"out_features={n_way}, or sample {expected}-way episodes."
             )
+        size = batch.support_y.shape[2] if batch.support_y.dim() == 3 else 1
+        if expected is not None and batch.is_regression and expected != size:
+            raise ValueError(
+                f"This regression episode has targets of size {size} per example but the model's head has {expected} "
+                f"outputs: build the backbone with out_features={size}."
+            )
         return n_way
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return list(self.inner_lrs.parameters())
 
     def meta_loss(self, batch: Episode, outputs: Tensor) -> Tensor:
         if self._streamed is not None:  # value and gradients were taken task by task: a loss with that value and
@@ -402,7 +418,8 @@ class MAML(MetaLearner):
             return _WithGradients.apply(value, [g.to(p.dtype) for p, g in grads], *(p for p, _ in grads))
         if self._step_outputs is None:
             return super().meta_loss(batch, outputs)
-        per_step = torch.stack([per_task_loss(self._step_outputs[:, t], batch.query_y).mean()
+        ndim = target_ndim(batch.query_y, 1)
+        per_step = torch.stack([per_task_loss(self._step_outputs[:, t], batch.query_y, ndim).mean()
                                 for t in range(self._step_outputs.shape[1])])
         return (self.msl_weights().to(per_step) * per_step).sum()
 
@@ -422,10 +439,9 @@ class MAML(MetaLearner):
         sx, sy, qx, _ = batch
         with self._grad_mode():
             sx, sy, qx = sx.clone(), sy.clone(), qx.clone()
-            s = sx.shape[1]
-            encoded = self.encode(torch.cat([sx, qx], dim=1)).detach()
-            outputs, _, _ = self._run_tasks(encoded[:, :s], sy, encoded[:, s:], steps or self.eval_inner_steps,
-                                            first_order=True, all_steps=True, include_initial=True)
+            outputs, _, _ = self._run_tasks(self.encode(sx).detach(), sy, self.encode(qx).detach(),
+                                            steps or self.eval_inner_steps, first_order=True, all_steps=True,
+                                            include_initial=True)
         return outputs.detach()
 
     # ------------------------------------------------------------------ one new task
@@ -433,19 +449,18 @@ class MAML(MetaLearner):
         batch, n_way = self._single_task(support_x, support_y)
         module = self._adapted_module()
         params = {n: p for n, p in module.named_parameters() if n in self._adapted_names}
-        with self._grad_mode():
+        sy = batch.support_y[0]
+        with self._grad_mode(), self.mode(training=False):  # as validation adapts: dropout off
             sx = self.encode(batch.support_x.clone())[0].detach()
-            trajectory, losses, finite = inner_adapt(
-                lambda p, x: functional_call(module, p, (x,)), params, sx, batch.support_y[0].clone(),
-                self.eval_inner_steps, self._rates(), True, self._loss_scale(),
-            )
+            trajectory, losses, finite = inner_adapt(self._forward, params, sx, sy.clone(), self.eval_inner_steps,
+                                                     self._rates(), True, self._loss_scale())
         self._raise_nonfinite(losses[None].detach(), finite[None])
         adapted = {k: v.detach() for k, v in trajectory[-1].items()}
 
         def predict(query_x: Tensor) -> Tensor:
-            with torch.no_grad():
-                x = self.encode(query_x.to(sx.device)[None])[0]
-                return functional_call(module, adapted, (x,))
+            with self.evaluating():
+                x = self.encode(self.as_inputs(query_x, "query_x")[None])[0]
+                return self._like_targets(self._forward(adapted, x), sy[:1].expand(x.shape[0], *sy.shape[1:]))
 
         return TaskPredictor(self, predict, n_way)
 
@@ -455,9 +470,11 @@ class ANIL(MAML):
     the inner loop.
 
     The backbone needs ``forward_features(x)`` and a ``head`` module (as ``Conv4``, ``MLP`` and ``ResNet12`` with
-    ``out_features`` have). The body embeds each task's support and query inputs together (batch norm statistics
-    per task, as in MAML; all tasks in one ``vmap`` call on a GPU, see :meth:`encode`); only ``head`` is adapted, by
-    ``vmap`` over the tasks, and the body's backward runs once for the meta-batch.
+    ``out_features`` have). The body embeds each task's support set, and then its query set, as separate batches
+    (batch norm statistics per task and per set, as MAML's own forward passes have them, and exactly as :meth:`adapt`
+    runs them, so evaluation measures what deployment gets; all tasks in one ``vmap`` call on a GPU, see
+    :meth:`encode`); only ``head`` is adapted, by ``vmap`` over the tasks, and the body's backward runs once for the
+    meta-batch.
 
     Example:
         >>> from lightning_meta.models import MLP

@@ -96,6 +96,6 @@ class ProtoNet(MetaLearner):
 
         def predict(query_x: Tensor) -> Tensor:
             with self.evaluating():
-                return self.logits(self.embed(query_x.to(prototypes.device)), prototypes)
+                return self.logits(self.embed(self.as_inputs(query_x, "query_x")), prototypes)
 
         return TaskPredictor(self, predict, n_way)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import shutil
 import tempfile
 import urllib.request
@@ -41,8 +43,11 @@ class Omniglot(CachedImageDataset):
             ``(0, 90, 180, 270)`` for training).
         split: ``"train"``, ``"val"`` or ``"test"`` keeps a disjoint share of the characters (by ``split_fractions``,
             shuffled by ``split_seed``); rotations of one character always stay in the same split.
-        download: fetch the missing zips from ``url`` (default: the authors' repository), verify their md5 and
-            extract them into ``root``.
+        download: fetch the missing zips from ``url`` (default: the authors' repository) into ``root`` and verify
+            their md5. Each zip is written under a temporary name and renamed when whole, and images are read from the
+            zip itself (never from a half-extracted folder). With ``download=True`` nothing is fetched or read at
+            construction: :class:`~lightning_meta.EpisodicDataModule` calls :meth:`prepare_data` on one process
+            before any process reads the images, and a dataset used on its own loads on first use.
 
     Example (on the project's copy of the authors' data when it is there; a user's clone has none):
         >>> from pathlib import Path
@@ -79,69 +84,107 @@ class Omniglot(CachedImageDataset):
         if len(split_fractions) != 3 or min(split_fractions) < 0 or abs(sum(split_fractions) - 1) > 1e-6:
             raise ValueError(f"Expected `split_fractions` to be three non-negative shares summing to 1, got "
                              f"{tuple(split_fractions)}.")
-        size = _size(image_size)
-        characters: dict[str, list[tuple[str, object]]] = {}
-        for subset in subsets:
-            if download:
-                self.download(root, subset, url)
-            for key, name, opener in _list_subset(root, subset):
-                characters.setdefault(key, []).append((name, opener))
-        if alphabets is not None:
-            present = {k.split("/")[0] for k in characters}
-            missing = [a for a in alphabets if a not in present]
-            if missing:
-                raise ValueError(
-                    f"Omniglot alphabet {missing[0]!r} is not in {list(subsets)}; available: {sorted(present)}."
-                )
-            characters = {k: v for k, v in characters.items() if k.split("/")[0] in set(alphabets)}
-        keys = sorted(characters)
-        if split is not None:
-            keys = _split_keys(keys, split, split_fractions, split_seed)
-        arrays, labels, files = [], [], []
-        for char_index, key in enumerate(keys):
-            for name, opener in sorted(characters[key], key=lambda item: item[0]):
-                arrays.append(decode_image(opener(), name, size, "L")[:, :, 0])
-                labels.append(char_index)
-                files.append(name)
-        if not arrays:
-            raise ValueError(f"No Omniglot images were selected from {list(subsets)} in {root} (alphabets={alphabets}, "
-                             f"split={split!r}).")
-        base = 255 - stack_images([a[:, :, None] for a in arrays], files)  # [n, 1, S, S], strokes bright
-        base_labels = torch.tensor(labels)
-        rotated, all_labels = [], []
-        for r_index, degrees in enumerate(rotations):
-            rotated.append(torch.rot90(base, k=degrees // 90, dims=(2, 3)))
-            all_labels.append(base_labels * len(rotations) + r_index)
-        class_names = [f"{key}/rot{degrees}" for key in keys for degrees in rotations]
-        super().__init__(torch.cat(rotated), torch.cat(all_labels), class_names)
-        self.files = files * len(rotations)
+        self._source = dict(root=root, subsets=list(subsets), alphabets=alphabets, size=_size(image_size),
+                            rotations=tuple(rotations), split=split, split_fractions=split_fractions,
+                            split_seed=split_seed, url=url if download else None)
+        if not download:
+            self.setup()
 
-    @staticmethod
-    def download(root: Union[str, Path], subset: str, url: str = OFFICIAL_URL) -> Path:
-        """Fetch ``subset``'s zip into ``root`` (skipped when present), verify its md5 and extract it."""
-        root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
-        target = root / f"{subset}.zip"
-        if not target.exists():
-            source = url.rstrip("/") + f"/{subset}.zip"
-            with tempfile.NamedTemporaryFile(dir=root, suffix=".part", delete=False) as tmp:
-                try:
-                    with urllib.request.urlopen(source, timeout=60) as response:
-                        shutil.copyfileobj(response, tmp)
-                except OSError as err:
-                    Path(tmp.name).unlink(missing_ok=True)
-                    raise RuntimeError(f"Could not download Omniglot from {source}: {err}.") from err
-            digest = _md5(Path(tmp.name))
-            if digest != CHECKSUMS[subset]:
-                Path(tmp.name).unlink(missing_ok=True)
-                raise RuntimeError(
-                    f"The download of {source} is corrupt (md5 {digest}, expected {CHECKSUMS[subset]}); try again."
-                )
-            Path(tmp.name).replace(target)
-        if not (root / subset).is_dir():
-            with zipfile.ZipFile(target) as zf:
-                zf.extractall(root)
-        return root / subset
+    def prepare_data(self) -> None:
+        """Download the missing zips (``download=True``); called once, on one process, by the data module."""
+        src = self.__dict__.get("_source")
+        if src is not None and src["url"] is not None:
+            for subset in src["subsets"]:
+                download(src["root"], subset, src["url"])
+
+    def __getattr__(self, name: str):
+        # images, labels, class_names, files: read on first use when construction deferred them (download=True)
+        source = self.__dict__.get("_source")
+        if name in ("images", "labels", "class_names", "files") and source is not None:
+            self.prepare_data()
+            self.setup()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def setup(self) -> None:
+        """Read the images (already done at construction unless ``download=True``)."""
+        src = self.__dict__.pop("_source", None)
+        if src is None:
+            return
+        with contextlib.ExitStack() as archives:  # every zip opened here is closed when the images are decoded
+            images, labels, class_names, files = _read(archives, **{k: v for k, v in src.items() if k != "url"})
+        CachedImageDataset.__init__(self, images, labels, class_names)
+        self.files = files
+
+
+def _read(archives: contextlib.ExitStack, root: Path, subsets: Sequence[str], alphabets, size, rotations, split,
+          split_fractions, split_seed):
+    """Decode the selected characters: ``(images uint8 [n, 1, S, S], labels [n], class names, file names)``."""
+    characters: dict[str, list[tuple[str, object]]] = {}
+    for subset in subsets:
+        for key, name, opener in _list_subset(root, subset, archives):
+            characters.setdefault(key, []).append((name, opener))
+    if alphabets is not None:
+        present = {k.split("/")[0] for k in characters}
+        missing = [a for a in alphabets if a not in present]
+        if missing:
+            raise ValueError(
+                f"Omniglot alphabet {missing[0]!r} is not in {list(subsets)}; available: {sorted(present)}."
+            )
+        characters = {k: v for k, v in characters.items() if k.split("/")[0] in set(alphabets)}
+    keys = sorted(characters)
+    if split is not None:
+        keys = _split_keys(keys, split, split_fractions, split_seed)
+    arrays, labels, files = [], [], []
+    for char_index, key in enumerate(keys):
+        for name, opener in sorted(characters[key], key=lambda item: item[0]):
+            arrays.append(decode_image(opener(), name, size, "L")[:, :, 0])
+            labels.append(char_index)
+            files.append(name)
+    if not arrays:
+        raise ValueError(f"No Omniglot images were selected from {list(subsets)} in {root} (alphabets={alphabets}, "
+                         f"split={split!r}).")
+    base = 255 - stack_images([a[:, :, None] for a in arrays], files)  # [n, 1, S, S], strokes bright
+    base_labels = torch.tensor(labels)
+    rotated, all_labels = [], []
+    for r_index, degrees in enumerate(rotations):
+        rotated.append(torch.rot90(base, k=degrees // 90, dims=(2, 3)))
+        all_labels.append(base_labels * len(rotations) + r_index)
+    class_names = [f"{key}/rot{degrees}" for key in keys for degrees in rotations]
+    return torch.cat(rotated), torch.cat(all_labels), class_names, files * len(rotations)
+
+
+def download(root: Union[str, Path], subset: str, url: str = OFFICIAL_URL) -> Path:
+    """Fetch ``subset``'s zip into ``root`` (skipped when present) and verify its md5. It is written to a temporary
+    file in ``root`` and renamed only when whole and verified, so an interrupted download (or a second process
+    downloading at once) never leaves a partial zip under the real name; the temporary file is removed on any
+    failure, an interruption included."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{subset}.zip"
+    if target.exists():
+        return target
+    source = url.rstrip("/") + f"/{subset}.zip"
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{subset}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(source, timeout=60) as response:
+                    shutil.copyfileobj(response, out)
+            except OSError as err:
+                raise RuntimeError(f"Could not download Omniglot from {source}: {err}.") from err
+        digest = _md5(Path(tmp))
+        if digest != CHECKSUMS[subset]:
+            raise RuntimeError(
+                f"The download of {source} is corrupt (md5 {digest}, expected {CHECKSUMS[subset]}); try again."
+            )
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+Omniglot.download = staticmethod(download)  # type: ignore[attr-defined]
 
 
 def _md5(path: Path) -> str:
@@ -161,10 +204,11 @@ def _split_keys(keys: list[str], split: str, fractions: Sequence[float], seed: i
     return sorted(keys[i] for i in order[lo:hi])
 
 
-def _list_subset(root: Path, subset: str):
-    """Yield ``(alphabet/character, file name, opener)`` for every image of a subset, from its folder or its zip."""
+def _list_subset(root: Path, subset: str, archives: contextlib.ExitStack):
+    """Yield ``(alphabet/character, file name, opener)`` for every image of a subset, from its zip (whole: downloads
+    are renamed into place when complete) or else its extracted folder. A zip is opened in ``archives``."""
     folder, archive = root / subset, root / f"{subset}.zip"
-    if folder.is_dir():
+    if folder.is_dir() and not archive.is_file():
         files = sorted(p for p in folder.glob("*/*/*") if p.is_file())
         if not files:
             raise ValueError(f"The Omniglot folder {folder} holds no <alphabet>/<character>/<image> files.")
@@ -173,7 +217,7 @@ def _list_subset(root: Path, subset: str):
         return
     if archive.is_file():
         try:
-            zf = zipfile.ZipFile(archive)
+            zf = archives.enter_context(zipfile.ZipFile(archive))
         except zipfile.BadZipFile as err:
             raise ValueError(f"The Omniglot archive {archive} is not a valid zip file ({err}): delete it and download "
                              "it again.") from err

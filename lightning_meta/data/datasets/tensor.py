@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 
 class TensorClassDataset(Dataset):
-    """Wrap inputs ``x [n, ...]`` and integer labels ``y [n]`` as a dataset of ``(x, label)`` items.
+    """Wrap inputs ``x [n, ...]`` and integer labels ``y [n]`` as a dataset of ``(x, label)`` items. Labels may also
+    be class names (strings), numbered in sorted order (they become the ``class_names``).
 
     ``uint8`` inputs are served as floats in [0, 1]. Give ``class_names`` (one per distinct label) so the data
     module can check that train, validation and test classes are disjoint.
@@ -23,6 +25,9 @@ class TensorClassDataset(Dataset):
     """
 
     def __init__(self, x: Tensor, y: Tensor, class_names: Optional[Sequence[str]] = None) -> None:
+        if not isinstance(y, Tensor) and np.asarray(y).dtype.kind in "USO":  # class names as labels: numbered
+            names, y = np.unique(np.asarray(y).astype(str), return_inverse=True)
+            class_names = list(names) if class_names is None else class_names
         x, y = torch.as_tensor(x), torch.as_tensor(y)
         if y.ndim != 1 or y.is_floating_point() or y.is_complex():
             raise ValueError(f"Expected `y` to be a 1-D tensor of integer labels, but got shape {tuple(y.shape)} "
