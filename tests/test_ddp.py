@@ -80,3 +80,38 @@ def test_ddp_episode_accuracy_equals_the_single_process_result(runs):
     for key in ("val/acc", "val/acc_ci95", "val/loss"):
         assert r0["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6)
         assert r1["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6)
+
+
+def _skip_run(tmp_path, mode, devices):
+    tmp_path = tmp_path / f"{mode}{devices}"
+    tmp_path.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_skip.py"), str(tmp_path), mode, str(devices)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(devices)]
+
+
+def test_a_nan_on_one_rank_makes_every_rank_skip_the_meta_batch_as_one_process_does(tmp_path):
+    # only rank 1 sees a NaN meta-loss at step 1; both ranks must skip it together (a rank that returned without a
+    # backward would leave the other waiting in the gradient all-reduce), and the run must equal one process that
+    # skips the same step
+    r0, r1 = _skip_run(tmp_path, "skip", 2)
+    (single,) = _skip_run(tmp_path, "skip", 1)
+    assert r0["global_step"] == r1["global_step"] == single["global_step"] == 4
+    for a, b, c in zip(r0["weights"], r1["weights"], single["weights"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+def test_a_nan_on_one_rank_stops_every_rank_in_raise_mode(tmp_path):
+    r0, r1 = _skip_run(tmp_path, "raise", 2)
+    assert "is finite here but not on another process at global step 1" in r0["error"]
+    assert "is nan at global step 1" in r1["error"]
+
+
+def test_evaluation_with_fewer_meta_batches_than_processes_is_refused_at_setup_on_every_rank(tmp_path):
+    r0, r1 = _skip_run(tmp_path, "few_eval", 2)
+    for r in (r0, r1):
+        assert "`val_episodes`=1 in meta-batches of 1 (`eval_meta_batch_size`) gives 1 val meta-batch(es) for 2 " \
+               "processes" in r["error"] and "raise `val_episodes` to at least 2" in r["error"]

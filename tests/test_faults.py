@@ -106,7 +106,7 @@ class NaNAfter(torch.nn.Module):
 
 def test_a_non_finite_meta_loss_stops_training_naming_the_step():
     model = ProtoNet(NaNAfter(at=3))
-    with pytest.raises(FloatingPointError, match=r"meta-loss became nan at global step 2 \(epoch 0, batch 2\)"):
+    with pytest.raises(FloatingPointError, match=r"meta-loss is nan at global step 2 \(epoch 0, batch 2\)"):
         trainer(limit_val_batches=0).fit(model, blob_data())
 
 

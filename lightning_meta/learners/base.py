@@ -153,18 +153,36 @@ class MetaLearner(L.LightningModule):
         loss = self.meta_loss(batch, outputs)
         if stage == "train" and not self._all_finite(loss):
             step = self.trainer.global_step if self._trainer is not None else 0
+            where = f"is {loss.item()}" if not torch.isfinite(loss) else "is finite here but not on another process"
             if self.hparams.get("nonfinite", "raise") == "skip":
-                rank_zero_warn(f"Skipped meta-batch at global step {step}: the meta-loss is {loss.item()} (on this or "
-                               "another process).")
-                return None
+                rank_zero_warn(f"Skipped meta-batch at global step {step}: the meta-loss {where}.",)
+                return self._skipped_loss()
             raise FloatingPointError(
-                f"The meta-loss became {loss.item()} at global step {step} (epoch {self.current_epoch}, batch "
+                f"The meta-loss {where} at global step {step} (epoch {self.current_epoch}, batch "
                 f"{self.trainer.fit_loop.epoch_loop.batch_idx if self._trainer is not None else 0}). Training stopped "
                 "before the model was updated. Lower the learning rates, check the inputs for NaNs, or pass "
                 "nonfinite='skip' to skip such meta-batches."
             )
         self._log_step(batch, outputs.detach(), loss.detach(), stage)
         return loss
+
+    def _skipped_loss(self) -> Optional[Tensor]:
+        """What a skipped training step returns: ``None`` in one process. Under DDP every rank must join the gradient
+        all-reduce (Lightning refuses ``None`` there), so all ranks return a zero loss of every trainable parameter
+        and :meth:`on_after_backward` then takes the gradients away: no parameter moves (under a gradient scaler they
+        become NaN, so the scaler skips the step as it skips an overflow)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        self._drop_gradients = True
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
+    def on_after_backward(self) -> None:
+        if getattr(self, "_drop_gradients", False):
+            self._drop_gradients = False
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad = torch.full_like(p.grad, float("nan")) if scaler is not None else None
 
     def _all_finite(self, loss: Tensor) -> bool:
         """Whether the meta-loss is finite on every process: under DDP all ranks take the same decision (skip, or

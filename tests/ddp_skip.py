@@ -1,0 +1,53 @@
+"""Run by test_ddp.py as its own command (Lightning's `ddp` launcher re-executes this file for rank 1):
+
+    python tests/ddp_skip.py OUT_DIR MODE DEVICES
+
+DEVICES processes train a ProtoNet for 4 steps (meta-batch 4 in all); at step 1 only the last rank's meta-loss is NaN.
+With MODE "skip" every rank must skip that step (no rank waits in an all-reduce another skipped), with "raise" every
+rank must stop. Writes OUT_DIR/rank{R}.pt with the steps taken, the error and the final weights. MODE "few_eval" asks
+for validation with fewer evaluation meta-batches than processes, which every rank must refuse at setup.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import blob_data  # noqa: E402
+
+from lightning_meta import ProtoNet  # noqa: E402
+from lightning_meta.models import MLP  # noqa: E402
+
+
+class NaNOnLastRank(ProtoNet):
+    """A ProtoNet whose meta-loss is NaN at global step 1 on the last rank only."""
+
+    def meta_loss(self, batch, outputs):
+        loss = super().meta_loss(batch, outputs)
+        if self.training and self.global_rank == self.trainer.world_size - 1 and self.trainer.global_step == 1:
+            return loss * float("nan")
+        return loss
+
+
+def run(out: Path, mode: str, devices: int) -> None:
+    L.seed_everything(0, verbose=False)
+    model = NaNOnLastRank(MLP(8, (16,)), lr=3e-3, nonfinite="raise" if mode == "few_eval" else mode)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=4,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    error = None
+    try:
+        if mode == "few_eval":
+            trainer.validate(model, blob_data(val_episodes=devices - 1, eval_meta_batch_size=1), verbose=False)
+        else:
+            trainer.fit(model, blob_data(meta_batch_size=4 // devices, train_episodes=4 * 5))
+    except (FloatingPointError, ValueError) as err:
+        error = str(err)
+    torch.save({"global_step": trainer.global_step, "error": error,
+                "weights": [p.detach().clone() for p in model.parameters()]}, out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
