@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_meta.functional.episode import full_precision
+
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Identity,
                nn.Dropout)
 
@@ -128,13 +130,13 @@ def _loss_and_grad(out: Tensor, y: Tensor, scale: float) -> tuple[Tensor, Tensor
     n = y.shape[1]
     if y.is_floating_point():
         squeeze = out.shape != y.shape and out.shape[-1] == 1 and out.dim() == y.dim() + 1
-        diff = (out.squeeze(-1) if squeeze else out).float() - y.float()
+        diff = full_precision(out.squeeze(-1) if squeeze else out) - full_precision(y)
         with torch.no_grad():
             losses = diff.pow(2).flatten(1).mean(-1)  # over each task's examples (and their target dimensions)
         d = diff * (2.0 * scale / diff[0].numel())
         d = d.unsqueeze(-1) if squeeze else d
     else:
-        logits = out.float()
+        logits = full_precision(out)
         with torch.no_grad():
             flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
             losses = flat.view(y.shape).mean(-1)

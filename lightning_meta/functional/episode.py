@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def full_precision(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is float16 or bfloat16 (losses are reduced in full precision); float32 and float64
+    as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def per_task_loss(outputs: Tensor, targets: Tensor, target_ndim: int = 0) -> Tensor:
@@ -28,9 +35,9 @@ def per_task_loss(outputs: Tensor, targets: Tensor, target_ndim: int = 0) -> Ten
         if outputs.shape != targets.shape:
             raise ValueError(f"Expected predictions shaped like the targets {tuple(targets.shape)}, but got "
                              f"{tuple(outputs.shape)}: the model's output size must equal the target size.")
-        error = (outputs.float() - targets.float()).pow(2)
+        error = (full_precision(outputs) - full_precision(targets)).pow(2)
         return error.flatten(error.dim() - 1 - target_ndim).mean(-1)
-    logits = outputs.float()
+    logits = full_precision(outputs)
     flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return flat.view(targets.shape).mean(-1)
 
