@@ -8,8 +8,11 @@ Learners (``--model``), backbones and datasets are chosen by class path; ``--pri
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_meta.checkpoint import read_checkpoint
 from lightning_meta.data.datamodule import EpisodicDataModule
 from lightning_meta.learners.base import MetaLearner
 
@@ -17,6 +20,15 @@ from lightning_meta.learners.base import MetaLearner
 class MetaCLI(LightningCLI):
     """LightningCLI with learners chosen by class path and the episodic data module's shot/way linked to nothing else:
     every option stays explicit in the config."""
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads `--ckpt_path` itself (for its hyperparameters) before any learner code runs: read it
+        # first through read_checkpoint, so a broken file or a refused type is named as the learners name it
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            read_checkpoint(path, map_location="cpu", weights_only=True)
+        super()._parse_ckpt_path()
 
 
 def run(args=None) -> MetaCLI:

@@ -1,9 +1,17 @@
-"""The `lightning-meta` command (LightningCLI) runs every example config, and names a misspelled key."""
+"""The `lightning-meta` command (LightningCLI): every example config fits, resumes, tests from its checkpoint and
+loads with `load_from_checkpoint` under weights-only loading; each subcommand exits 0 on success and non-zero on
+failure as a real command; a misspelled key is named."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import OMNIGLOT
 
+import lightning_meta
 from lightning_meta.cli import main, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -11,44 +19,91 @@ SMALL_DATA = {  # shrink each config's data so a test run takes seconds
     "glyphs": ["--data.train.init_args.num_classes=30", "--data.val.init_args.num_classes=10",
                "--data.test.init_args.num_classes=10"],
     "sinusoid": [],
-    "omniglot": [],
+    "omniglot": ["--model.init_args.backbone.init_args.hidden=8", "--data.train_way=5", "--data.val_episodes=4",
+                 "--data.test.init_args.alphabets=[Tagalog]"],
 }
-
-
 EXTRA = {  # the DDP config runs on one process here (its 2-process run: examples/distributed.py in test_examples.py)
     "maml_ddp_glyphs": ["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.accelerator=cpu",
                         "--model.init_args.backbone.init_args.hidden=8", "--data.meta_batch_size=2"],
     "maml_wandb_glyphs": ["--model.init_args.backbone.init_args.hidden=8"],
+    # the README's recipe: training images shifted (the transform object must not break checkpoints)
+    "protonet_glyphs": ["--data.train_transform=lightning_meta.data.RandomShift",
+                        "--data.train_transform.max_shift=2"],
 }
+CONFIG_NAMES = ["protonet_glyphs", "attention_glyphs", "maml_sinusoid", "maml_ddp_glyphs", "maml_wandb_glyphs",
+                "protonet_omniglot"]
 
 
-@pytest.mark.parametrize("config", ["protonet_glyphs", "attention_glyphs", "maml_sinusoid", "maml_ddp_glyphs",
-                                    "maml_wandb_glyphs"])
-def test_every_example_config_fits_and_tests_through_the_cli(config, tmp_path, monkeypatch):
+def common_args(config, tmp_path):
+    kind = config.rsplit("_", 1)[1]
+    return [f"--config={CONFIGS / config}.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            *EXTRA.get(config, []), "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            *SMALL_DATA[kind]]
+
+
+@pytest.mark.parametrize("config", CONFIG_NAMES)
+def test_every_example_config_fits_resumes_tests_and_loads_from_its_checkpoint(config, tmp_path, monkeypatch):
+    if config == "protonet_omniglot" and not (OMNIGLOT / "images_background_small1.zip").is_file():
+        pytest.skip(f"real Omniglot zips not found in {OMNIGLOT}")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    kind = config.rsplit("_", 1)[1]
-    common = [f"--config={CONFIGS / config}.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *EXTRA.get(config, []),
-              "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-              "--trainer.enable_progress_bar=false", *SMALL_DATA[kind]]
-    cli = run(["fit", *common])
-    assert cli.trainer.global_step == 2
-    metric = "val/mse" if kind == "sinusoid" else "val/acc"
-    assert metric in cli.trainer.callback_metrics
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the configs' relative data paths
+    metric = "val/mse" if config.endswith("sinusoid") else "val/acc"
+    common = common_args(config, tmp_path)
+    cli = run(["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"])
+    assert cli.trainer.global_step == 2 and metric in cli.trainer.callback_metrics
     ckpt = next(tmp_path.rglob("*.ckpt"))
-    cli = run(["test", *common, "--data.test_episodes=8", f"--ckpt_path={ckpt}"])
-    assert metric.replace("val", "test") in cli.trainer.callback_metrics
+    # resume: two more steps from the checkpoint, under torch's weights-only loading
+    resumed = run(["fit", *common, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
+                   f"--ckpt_path={ckpt}"])
+    assert resumed.trainer.global_step == 4
+    # load_from_checkpoint with nothing but the path (the backbone is rebuilt from the checkpoint)
+    learner_cls = type(cli.model)
+    loaded = learner_cls.load_from_checkpoint(ckpt, weights_only=True)
+    batch = next(iter(cli.datamodule.test_dataloader()))
+    cli.model.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
+    cli.model.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(batch), cli.model(batch), atol=1e-5, rtol=1e-5)
+    task = batch.task(0)
+    assert loaded.adapt(task.support_x, task.support_y)(task.query_x).shape[0] == task.query_x.shape[0]
+    tested = run(["test", *common, "--data.test_episodes=8", f"--ckpt_path={ckpt}"])
+    assert metric.replace("val", "test") in tested.trainer.callback_metrics
 
 
-def test_omniglot_config_parses(tmp_path):
-    cli_args = ["fit", f"--config={CONFIGS / 'protonet_omniglot.yaml'}", "--print_config"]
+def command(*args, cwd):
+    script = Path(sys.executable).parent / "lightning-meta"
+    base = [str(script)] if script.is_file() else [sys.executable, "-m", "lightning_meta.cli"]
+    env = {**os.environ, "PYTHONPATH": str(Path(lightning_meta.__file__).parents[1])}
+    return subprocess.run([*base, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_each_subcommand_exits_zero_on_success_and_non_zero_on_failure(tmp_path):
+    common = [f"--config={CONFIGS / 'maml_sinusoid'}.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
+              "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--data.val_episodes=8",
+              "--data.test_episodes=8"]
+    fit = command("fit", *common, "--trainer.max_steps=2", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "lightning_meta.cli.MetaCLI object" not in fit.stdout + fit.stderr
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    for sub in ("validate", "test", "predict"):
+        done = command(sub, *common, f"--ckpt_path={ckpt}", cwd=tmp_path)
+        assert done.returncode == 0, f"{sub}: {done.stderr[-3000:]}"
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    failed = command("test", *common, f"--ckpt_path={broken}", cwd=tmp_path)
+    assert failed.returncode != 0 and "corrupt or truncated" in failed.stderr
+    misspelled = command("fit", *common, "--data.n_shots=5", cwd=tmp_path)
+    assert misspelled.returncode != 0 and "n_shots" in misspelled.stderr
+
+
+def test_main_returns_the_exit_status_for_the_console_script():
     with pytest.raises(SystemExit) as exit_info:
-        main(cli_args)
+        main(["fit", f"--config={CONFIGS / 'protonet_omniglot.yaml'}", "--print_config"])
     assert exit_info.value.code == 0
 
 
 def test_a_misspelled_config_key_is_named(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", f"--config={CONFIGS / 'protonet_glyphs.yaml'}", "--data.n_shots=5"])
+        run(["fit", f"--config={CONFIGS / 'protonet_glyphs.yaml'}", "--data.n_shots=5"])
     assert exit_info.value.code != 0
     assert "n_shots" in capsys.readouterr().err
