@@ -1,0 +1,225 @@
+"""How a meta-batch of MAML tasks runs: one engine object, no Lightning.
+
+:class:`MetaBatchEngine` adapts every task of a meta-batch by gradient steps on its support set and predicts its
+queries. It owns the choices that make MAML fast or lean, and nothing else:
+
+- **task parallelism**: one ``vmap`` over the tasks (``torch.func``), where a linear/activation chain runs through
+  :func:`~lightning_meta.functional.batched_chain` and its hand-written gradient; or a loop over tasks with
+  ``torch.autograd.grad``;
+- **task chunks**: the meta-batch in chunks of ``task_chunk`` tasks;
+- **streaming**: in training, each chunk's share of the meta-loss is differentiated as soon as the chunk is done and
+  its graph freed, so peak memory is one chunk's graph (:meth:`MetaBatchEngine.run` with ``share``); the summed
+  gradients come back as a :class:`Streamed` whose :meth:`Streamed.loss` has exactly that value and those gradients;
+- **precision**: the inner loss scale (float16), the outer scale of streamed gradients (a gradient scaler's), and
+  batch norm in float32 under autocast (:func:`norms_in_float32`).
+
+The learner (:class:`~lightning_meta.MAML`) decides the rest: which parameters adapt, their rates, how many steps,
+first or second order, and what the meta-loss is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_meta.functional.batched import batched_chain, batched_chain_grads
+from lightning_meta.functional.inner_loop import LearningRates, Params, functional_forward, inner_adapt, inner_adapt_batched
+
+TASK_PARALLEL = ("auto", "vmap", "loop")
+TRAJECTORIES = ("last", "all", "all_and_initial")
+# share(tasks, outputs [c, T, M, ...]) -> the meta-loss terms of those tasks
+Share = Callable[[slice, Tensor], Tensor]
+
+
+@dataclass
+class Adapted:
+    """What a meta-batch's inner loops produced: query ``outputs [B, T, M, ...]`` (T = 1 for the last step, or one
+    per step, see ``trajectory``), support ``losses [B, steps]`` and ``finite [B, steps]`` (each step's loss and the
+    parameters it produced were finite)."""
+
+    outputs: Tensor
+    losses: Tensor
+    finite: Tensor
+
+
+@dataclass
+class Streamed:
+    """A meta-loss whose gradients were taken chunk by chunk: its ``value`` and, for each leaf, its gradient."""
+
+    value: Tensor
+    gradients: list[tuple[Tensor, Tensor]]
+
+    def loss(self) -> Tensor:
+        """A scalar with this value whose backward gives each leaf its gradient (times the incoming gradient, e.g.
+        an AMP scale), so Lightning's backward, gradient scaling, clipping and DDP all-reduce are unchanged."""
+        leaves = [leaf for leaf, _ in self.gradients]
+        return _WithGradients.apply(self.value, [g.to(p.dtype) for p, g in self.gradients], *leaves)
+
+
+class _WithGradients(torch.autograd.Function):
+    """``value`` as a loss whose gradient with respect to each leaf is the given one. A custom backward rather than
+    ``value + ((p - p.detach()) * g).sum()``: an infinite ``g`` (a float16 overflow, which the gradient scaler must
+    see and skip) would make that sum's value NaN."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, grads: list, *leaves: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        return (None, None, *(grad_output.to(g.dtype) * g for g in ctx.grads))
+
+
+def autocast_enabled() -> bool:
+    """Whether autocast is on for CUDA or the CPU."""
+    try:
+        return any(torch.is_autocast_enabled(device) for device in ("cuda", "cpu"))
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def _input_in_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    weight = module.weight if module.weight is not None else torch.empty(0)
+    return (args[0].to(weight.dtype),) + tuple(args[1:])
+
+
+@contextlib.contextmanager
+def norms_in_float32(norms: Sequence[nn.Module]) -> Iterator[None]:
+    """Under autocast, the batch norms ``norms`` take their input in their weights' dtype (float32) for the duration:
+    batch norm's double backward (second-order MAML) returns NaN for float16 inputs, and its batching rule under
+    ``vmap`` rejects a reduced-precision input with float32 weights. Convolutions and matmuls stay reduced."""
+    if not norms or not autocast_enabled():
+        yield
+        return
+    handles = [m.register_forward_pre_hook(_input_in_weight_dtype) for m in norms]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def batch_norms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class MetaBatchEngine:
+    """Runs the inner loops of a meta-batch of tasks on ``module`` (see the module docstring).
+
+    Args:
+        module: the network whose parameters adapt (MAML: the backbone; ANIL: its head).
+        task_parallel: ``"vmap"``, ``"loop"`` or ``"auto"`` (vmap on a GPU, and on a CPU for networks without
+            convolutions, whose vmapped form is slower there than a loop; ``benchmarks/bench_gpu.py`` measures it).
+        task_chunk: tasks per chunk when streaming (``None``: the whole meta-batch under vmap, one task on the loop).
+
+    Example:
+        >>> from lightning_meta.models import MLP
+        >>> net = MLP(1, (8,), 1)
+        >>> engine = MetaBatchEngine(net, task_parallel="vmap")
+        >>> params = dict(net.named_parameters())
+        >>> sx, sy, qx = torch.randn(4, 5, 1), torch.randn(4, 5), torch.randn(4, 3, 1)
+        >>> adapted, _ = engine.run(params, lambda s: dict.fromkeys(params, 0.1), sx, sy, qx, steps=2)
+        >>> adapted.outputs.shape, adapted.losses.shape      # [B, T=1, M, 1], [B, steps]
+        (torch.Size([4, 1, 3, 1]), torch.Size([4, 2]))
+    """
+
+    def __init__(self, module: nn.Module, task_parallel: str = "auto", task_chunk: Optional[int] = None) -> None:
+        if task_parallel not in TASK_PARALLEL:
+            raise ValueError(f"Expected `task_parallel` to be one of {TASK_PARALLEL}, but got {task_parallel!r}.")
+        self.module, self.task_parallel, self.task_chunk = module, task_parallel, task_chunk
+        self.forward = functional_forward(module)  # (params, x) -> outputs; shared weights replaced in every use
+        self.chain = batched_chain(module)  # a fast vmap replacement for linear/activation chains, or None
+        self.chain_grads = batched_chain_grads(module) if self.chain is not None else None
+        self.norms = batch_norms(module)
+        self.has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+    def use_vmap(self, device: torch.device) -> bool:
+        """Whether the tasks run under one ``vmap`` (else a loop) on ``device``."""
+        if self.task_parallel != "auto":
+            return self.task_parallel == "vmap"
+        return not self.has_conv or torch.device(device).type == "cuda"
+
+    def streams(self, device: torch.device) -> bool:
+        """Whether training streams here: on the loop always, under vmap when ``task_chunk`` splits the meta-batch."""
+        return not self.use_vmap(device) or self.task_chunk is not None
+
+    def run(self, params: Params, rates: LearningRates, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+            steps: int, first_order: bool = False, loss_scale: float = 1.0, trajectory: str = "last",
+            share: Optional[Share] = None, leaves: Sequence[Tensor] = (), outer_scale: float = 1.0,
+            ) -> tuple[Adapted, Optional[Streamed]]:
+        """Adapt ``params`` (shared by all tasks) to each task ``[B, n, ...]`` and predict its queries.
+
+        ``trajectory``: the query outputs after the last step (``"last"``), after every step (``"all"``), or also
+        before the first (``"all_and_initial"``). With ``share``, each chunk's meta-loss terms are differentiated
+        with respect to ``leaves`` as soon as the chunk is done (scaled by ``outer_scale``, e.g. a gradient scaler's
+        scale, and unscaled in float32); the outputs then come back detached with the :class:`Streamed` sums."""
+        if trajectory not in TRAJECTORIES:
+            raise ValueError(f"Expected `trajectory` to be one of {TRAJECTORIES}, but got {trajectory!r}.")
+        vmap = self.use_vmap(support_x.device)
+        b = support_x.shape[0]
+        chunk = (self.task_chunk or (b if vmap else 1)) if share is not None else b
+        stream = _Stream(share, list(leaves), outer_scale) if share is not None else None
+        results = []
+        with norms_in_float32(self.norms):
+            for lo in range(0, b, chunk):
+                tasks = slice(lo, min(lo + chunk, b))
+                run = self._vmap if vmap else self._loop
+                out, losses, finite = run(params, rates, support_x[tasks], support_y[tasks], query_x[tasks], steps,
+                                          first_order, loss_scale, trajectory)
+                results.append((stream.take(tasks, out) if stream else out, losses, finite))
+        outputs, losses, finite = (torch.cat(r) for r in zip(*results))
+        return Adapted(outputs, losses, finite), (stream.result() if stream else None)
+
+    def _vmap(self, params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
+        """Every task of the chunk at once: one batched call per layer, one autograd call per inner step."""
+        forward = self.chain or torch.func.vmap(self.forward, randomness="different")
+        batched = {n: p.expand(sx.shape[0], *p.shape) for n, p in params.items()}
+        path, losses, finite = inner_adapt_batched(forward, batched, sx, sy, steps, rates, first_order, loss_scale,
+                                                   self.chain_grads)
+        return torch.stack([forward(p, qx) for p in _pick(path, trajectory)], 1), losses, finite
+
+    def _loop(self, params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
+        """One task after another, each with ``torch.autograd.grad`` (cheaper per call than ``torch.func.grad``)."""
+        per_task = []
+        for i in range(sx.shape[0]):
+            path, losses, finite = inner_adapt(self.forward, params, sx[i], sy[i], steps, rates, first_order,
+                                               loss_scale, engine="autograd")
+            per_task.append((torch.stack([self.forward(p, qx[i]) for p in _pick(path, trajectory)]), losses, finite))
+        out, losses, finite = (torch.stack(r) for r in zip(*per_task))
+        return out, losses, finite
+
+
+def _pick(path: list[Params], trajectory: str) -> list[Params]:
+    """The parameters whose query outputs are wanted, from ``path`` (initial, after step 1, ..., after the last)."""
+    if trajectory == "last":
+        return path[-1:]
+    return path if trajectory == "all_and_initial" else path[1:]
+
+
+class _Stream:
+    """Differentiates each chunk's share of the meta-loss as soon as it is done and adds the gradients up."""
+
+    def __init__(self, share: Share, leaves: list[Tensor], outer_scale: float) -> None:
+        self.share, self.leaves, self.scale = share, leaves, outer_scale
+        self.total: Tensor | float = 0.0
+        self.sums: list[Optional[Tensor]] = [None] * len(leaves)
+
+    def take(self, tasks: slice, outputs: Tensor) -> Tensor:
+        share = self.share(tasks, outputs)
+        grads = torch.autograd.grad(share * self.scale, self.leaves, allow_unused=True)
+        for j, g in enumerate(grads):
+            if g is not None:
+                g = g.float() / self.scale if self.scale != 1.0 else g
+                self.sums[j] = g if self.sums[j] is None else self.sums[j] + g
+        self.total = self.total + share.detach()
+        return outputs.detach()  # the graph of these tasks is freed here
+
+    def result(self) -> Streamed:
+        value = self.total if isinstance(self.total, Tensor) else torch.tensor(self.total)
+        return Streamed(value, [(p, g) for p, g in zip(self.leaves, self.sums) if g is not None])
