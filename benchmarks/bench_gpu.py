@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from lightning_meta import ANIL, MAML, AttentionLearner, ProtoNet
 from lightning_meta.data import Sinusoid, SyntheticGlyphs
-from lightning_meta.data.sampler import make_sampler
+from lightning_meta.data.sources import make_sampler
 from lightning_meta.models import MLP, Conv4
 
 DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from lightning_meta import ANIL, MAML
 from lightning_meta.data import Omniglot, Sinusoid
-from lightning_meta.data.sampler import make_sampler
+from lightning_meta.data.sources import make_sampler
 from lightning_meta.models import MLP, Conv4
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"

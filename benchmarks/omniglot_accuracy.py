@@ -6,6 +6,10 @@ each of 5-way 1-shot and 20-way 1-shot, with 95% intervals and the CPU time of t
     python benchmarks/omniglot_accuracy.py --learner protonet --steps 1500 --lr 3e-3   # cosine decay over 1500 steps
     python benchmarks/omniglot_accuracy.py --learner attention --minutes 10
     python benchmarks/omniglot_accuracy.py --learner maml --minutes 10
+    python benchmarks/omniglot_accuracy.py --learner anil --minutes 5 --batch-norm transductive
+
+MAML-family learners train with ``--batch-norm`` (``support``: queries normalised with their task's support
+statistics, the library's default; ``transductive``: with the query batch's own) and are tested in both modes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_meta import MAML, AttentionLearner, EpisodicDataModule, ProtoNet
+from lightning_meta import ANIL, MAML, AttentionLearner, EpisodicDataModule, ProtoNet
 from lightning_meta.data import Omniglot, RandomShift
 from lightning_meta.models import Conv4
 
@@ -33,7 +37,9 @@ def cpu_seconds() -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--learner", choices=["protonet", "attention", "maml"], default="protonet")
+    p.add_argument("--learner", choices=["protonet", "attention", "maml", "anil"], default="protonet")
+    p.add_argument("--batch-norm", choices=["support", "transductive"], default="support",
+                   help="MAML family: how batch norm normalises the queries in training (both are tested)")
     p.add_argument("--minutes", type=float, default=8.0, help="wall-clock training budget")
     p.add_argument("--root", default=str(ROOT))
     p.add_argument("--test-episodes", type=int, default=600)
@@ -58,7 +64,9 @@ def main() -> None:
         model = AttentionLearner(Conv4(), max_way=60, dim=128, depth=2, heads=4, lr=5e-4)
         way, shot, query, batch = 20, 1, 5, 4
     else:
-        model = MAML(Conv4(out_features=5), inner_lr=0.4, inner_steps=1, eval_inner_steps=3, lr=1e-3)
+        cls = MAML if args.learner == "maml" else ANIL
+        model = cls(Conv4(out_features=5), inner_lr=0.4, inner_steps=1, eval_inner_steps=3, lr=1e-3,
+                    batch_norm=args.batch_norm)
         way, shot, query, batch = 5, 1, 15, 16
     way, query, batch = args.train_way or way, args.train_query or query, args.meta_batch or batch
     if args.lr is not None:
@@ -78,17 +86,20 @@ def main() -> None:
     print(f"{args.learner}: trained {trainer.global_step} meta-steps ({trainer.current_epoch} epochs) in "
           f"{wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min on {torch.get_num_threads()} threads "
           f"({args.accelerator}, {args.precision}; {way}-way 1-shot {query}-query, meta-batch {batch}, "
-          f"shift {args.shift})")
-    for n_way in (5, 20):
-        if args.learner == "maml" and n_way != 5:
-            continue
-        tdm = EpisodicDataModule(train, None, test, n_way=n_way, n_shot=1, n_query=15, meta_batch_size=1,
-                                 eval_meta_batch_size=4, test_episodes=args.test_episodes, seed=0)
-        res = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator=args.accelerator, precision=args.precision).test(
-            model, tdm, verbose=False)[0]
-        print(f"  {n_way}-way 1-shot on {args.test_episodes} episodes of unseen alphabets: "
-              f"{100 * res['test/acc']:.2f}% +- {100 * res['test/acc_ci95']:.2f}%")
+          f"shift {args.shift}" + (f", batch_norm={args.batch_norm}" if hasattr(model, "batch_norm") else "") + ")")
+    maml_family = hasattr(model, "batch_norm")
+    modes = (args.batch_norm, "transductive" if args.batch_norm == "support" else "support") if maml_family else (None,)
+    for mode in modes:
+        if mode is not None:
+            model.batch_norm = mode
+        for n_way in (5,) if maml_family else (5, 20):
+            tdm = EpisodicDataModule(train, None, test, n_way=n_way, n_shot=1, n_query=15, meta_batch_size=1,
+                                     eval_meta_batch_size=4, test_episodes=args.test_episodes, seed=0)
+            res = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            accelerator=args.accelerator, precision=args.precision).test(model, tdm, verbose=False)[0]
+            tested = f", tested with batch_norm={mode}" if mode else ""
+            print(f"  {n_way}-way 1-shot on {args.test_episodes} episodes of unseen alphabets{tested}: "
+                  f"{100 * res['test/acc']:.2f}% +- {100 * res['test/acc_ci95']:.2f}%")
 
 
 if __name__ == "__main__":

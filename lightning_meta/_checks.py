@@ -21,6 +21,20 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"Expected `{name}` to be a positive number, but got {value!r}.")
 
 
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raise ``ValueError("Expected `name` to be one of (choices), but got value.")`` unless ``value`` is a choice.
+
+    Example:
+        >>> check_choice("distance", "l1", ("euclidean", "cosine"))
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `distance` to be one of ('euclidean', 'cosine'), but got 'l1'.
+    """
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"Expected `{name}` to be one of {choices}, but got {value!r}.")
+
+
 def surely_finite(tensors: Iterable[Tensor]) -> bool:
     """True when every element of ``tensors`` is surely finite: one float32 sum each and one synchronisation. A sum
     is non-finite when any element is, or when finite values overflow it (a false alarm, never a miss), so a False

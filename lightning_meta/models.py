@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
+from lightning_meta._checks import check_choice
+
 
 class Backbone(nn.Module):
     """``features`` maps inputs to a flat embedding ``[B, D]``; ``head`` (a Linear, or None) maps it to outputs.
@@ -123,8 +125,7 @@ class MLP(Backbone):
     def __init__(self, in_features: int, hidden: Sequence[int] = (40, 40), out_features: Optional[int] = None,
                  init: str = "torch") -> None:
         super().__init__()
-        if init not in ("torch", "reference"):
-            raise ValueError(f"Expected `init` to be 'torch' or 'reference', but got {init!r}.")
+        check_choice("init", init, ("torch", "reference"))
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:

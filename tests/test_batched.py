@@ -30,7 +30,8 @@ def stacked(net, names=None):
 
 def reference(net, params, x, y, scale=1.0, create_graph=True):
     forward = batched_chain(net)
-    return scaled_grad(lambda p: per_task_loss(forward(p, x), y), params, scale, create_graph=create_graph)
+    return scaled_grad(lambda p: per_task_loss(forward(p, x), y), params, scale, create_graph=create_graph,
+                       engine="autograd")
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=repr)

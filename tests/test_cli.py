@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OMNIGLOT
 
 import lightning_meta
+from conftest import OMNIGLOT
 from lightning_meta.cli import main, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"

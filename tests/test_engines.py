@@ -10,9 +10,9 @@ A new engine or fast path joins `ENGINES` to exist."""
 
 import pytest
 import torch
-from conftest import require_learn2learn
 from torch import nn
 
+from conftest import require_learn2learn
 from lightning_meta import ANIL, MAML, Episode, MetaSGD
 from lightning_meta.models import MLP, Conv4
 
@@ -58,7 +58,8 @@ NETS = {
     "twice": Twice,
     "repeated": repeated_layer,
     "tied": tied_layers,
-    "conv_bn": lambda: Conv4(hidden=4, out_features=3, image_size=16),
+    "conv_bn": lambda: Conv4(hidden=4, out_features=3, image_size=16),  # queries normalised by support statistics
+    "conv_bn_transductive": lambda: Conv4(hidden=4, out_features=3, image_size=16),  # by their own
     "dropout": dropout_mlp,
 }
 # in training, dropout masks are random draws whose order differs between engines: dropout is compared in evaluation
@@ -77,7 +78,7 @@ VARIANTS = {
 
 def episode(net_name, b=4, n=3, k=2, q=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    shape = (1, 16, 16) if net_name == "conv_bn" else (4,)
+    shape = (1, 16, 16) if net_name.startswith("conv_bn") else (4,)
     x = lambda m: torch.randn(b, m, *shape, generator=g, dtype=torch.float64)  # noqa: E731
     return Episode(x(n * k), torch.arange(n).repeat_interleave(k).repeat(b, 1), x(n * q),
                    torch.arange(n).repeat_interleave(q).repeat(b, 1))
@@ -86,7 +87,8 @@ def episode(net_name, b=4, n=3, k=2, q=2, seed=0):
 def build(net_name, variant, engine, seed=0):
     cls, kwargs = VARIANTS[variant]
     torch.manual_seed(seed)
-    learner = cls(NETS[net_name](), inner_lr=0.3, **kwargs, **engine).double()
+    norm = "transductive" if net_name.endswith("_transductive") else "support"
+    learner = cls(NETS[net_name](), inner_lr=0.3, batch_norm=norm, **kwargs, **engine).double()
     return learner
 
 
@@ -97,17 +99,47 @@ def rate(learner, step, name):
     return lr if isinstance(learner, MetaSGD) else lr[min(step, lr.shape[0] - 1)]
 
 
+def queries(module, sx, qx, batch_norm):
+    """``module(qx)`` with batch norm as the learner's ``batch_norm`` says. ``"support"``, by a route of its own: a
+    first pass over the support set records each batch norm's input statistics, a second pass over the queries
+    normalises with them (the library instead runs support and queries as one batch with support statistics)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    if batch_norm == "transductive" or not norms:
+        return module(qx)
+    stats = {}
+
+    def record(m, args):
+        x = args[0]
+        stats[m] = (x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False))
+
+    def normalise(m, args, out):
+        mean, var = stats[m]
+        x = (args[0] - mean[:, None, None]) / torch.sqrt(var[:, None, None] + m.eps)
+        return x * m.weight[:, None, None] + m.bias[:, None, None]
+
+    handles = [m.register_forward_pre_hook(record) for m in norms]
+    module(sx)
+    for h in handles:
+        h.remove()
+    handles = [m.register_forward_hook(normalise) for m in norms]
+    try:
+        return module(qx)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def reference(learner, batch, steps, first_order):
     """Query outputs after 0..steps inner steps ``[B, steps + 1, M, N]``, by learn2learn's module surgery."""
     l2l = require_learn2learn()
     anil = isinstance(learner, ANIL)
-    net = learner.backbone
+    net, norm = learner.backbone, learner.hparams.batch_norm
     outputs = []
     for sx, sy, qx, _ in zip(*batch):
-        if anil:  # the body on the support set and on the queries, each a batch of its own
-            sx, qx = net.forward_features(sx), net.forward_features(qx)
+        if anil:  # the body on the support set, and on the queries (with the support's statistics, or their own)
+            sx, qx = net.forward_features(sx), queries(net.features, sx, qx, norm)
         clone = l2l.clone_module(net.head if anil else net)
-        task = [clone(qx)]
+        task = [queries(clone, sx, qx, norm)]
         for step in range(steps):
             loss = nn.functional.cross_entropy(clone(sx), sy)
             named = list(clone.named_parameters())
@@ -115,7 +147,7 @@ def reference(learner, batch, steps, first_order):
             for (name, p), g in zip(named, grads):
                 p.update = -rate(learner, step, name) * g
             clone = l2l.update_module(clone)
-            task.append(clone(qx))
+            task.append(queries(clone, sx, qx, norm))
         outputs.append(torch.stack(task))
     return torch.stack(outputs)
 
@@ -137,7 +169,8 @@ def meta_gradients(learner, loss):
 
 def pairs(nets, variants):
     """(network, variant) pairs; ANIL needs a backbone with ``forward_features`` and a ``head`` (the library's)."""
-    return [(n, v) for n in nets for v in variants if v != "anil" or n in ("mlp", "conv_bn", "dropout")]
+    return [(n, v) for n in nets for v in variants
+            if v != "anil" or n in ("mlp", "conv_bn", "conv_bn_transductive", "dropout")]
 
 
 @pytest.mark.parametrize(("net_name", "variant"), pairs(TRAIN_NETS, VARIANTS))
@@ -150,12 +183,13 @@ def test_every_engine_gives_the_reference_meta_loss_and_meta_gradients(net_name,
     for engine in ENGINES:
         learner = build(net_name, variant, engine)
         loss = learner.training_step(batch, 0)
-        torch.testing.assert_close(loss, expected_loss, **TOL, msg=lambda m: f"{engine}: meta-loss {m}")
+        torch.testing.assert_close(loss, expected_loss, **TOL, msg=lambda m, e=engine: f"{e}: meta-loss {m}")
         for got, want in zip(meta_gradients(learner, loss), expected, strict=True):
-            torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{engine}: meta-gradient {m}")
+            torch.testing.assert_close(got, want, **TOL, msg=lambda m, e=engine: f"{e}: meta-gradient {m}")
 
 
-@pytest.mark.parametrize(("net_name", "variant"), pairs(["mlp", "repeated", "tied", "conv_bn", "dropout"],
+@pytest.mark.parametrize(("net_name", "variant"), pairs(["mlp", "repeated", "tied", "conv_bn", "conv_bn_transductive",
+                                                         "dropout"],
                                                         ["maml_3steps", "metasgd", "anil"]))
 def test_every_engine_evaluates_and_adapts_as_the_reference(net_name, variant):
     batch = episode(net_name)

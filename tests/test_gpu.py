@@ -124,7 +124,7 @@ def test_maml_sinusoid_converges_under_16_mixed_on_cuda():
     before = trainer(accelerator="cuda", devices=1).test(model, dm, verbose=False)[0]["test/mse"]
     t = trainer(accelerator="cuda", devices=1, max_epochs=1, precision="16-mixed", limit_val_batches=0)
     t.fit(model, dm)
-    assert model._loss_scale() == 1024.0
+    assert model.inner_scale == 1024.0
     after = t.test(model, dm, verbose=False)[0]["test/mse"]
     assert after < 0.6 * before, (before, after)
 
@@ -142,8 +142,8 @@ def test_hand_written_chain_gradients_match_autograd_on_cuda(cls, dtype):
     scale = 1024.0 if dtype is torch.float16 else None
     fast = cls(copy.deepcopy(net), inner_lr=0.01, inner_steps=2, task_parallel="vmap", inner_loss_scale=scale).cuda()
     slow = cls(copy.deepcopy(net), inner_lr=0.01, inner_steps=2, task_parallel="vmap", inner_loss_scale=scale).cuda()
-    assert fast._batched_grads is not None
-    slow._batched_grads = None
+    assert fast.engine.chain_grads is not None
+    slow.engine.chain_grads = None
 
     def grads(model):
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -169,10 +169,10 @@ def test_meta_gradients_taken_chunk_by_chunk_train_under_mixed_precision_on_cuda
     before = trainer(accelerator="cuda", devices=1).test(model, dm, verbose=False)[0]["test/acc"]
     t = trainer(accelerator="cuda", devices=1, precision=precision, max_epochs=3, limit_val_batches=2)
     t.fit(model, dm)
-    assert model._streams()
+    assert model.streams
     scaler = getattr(t.precision_plugin, "scaler", None)
     if precision == "16-mixed":
-        assert scaler is not None and model._outer_scale() == scaler.get_scale()
+        assert scaler is not None and model.meta_gradient_scale == scaler.get_scale()
     res = t.test(model, dm, verbose=False)[0]
     assert res["test/acc"] > max(before + 0.1, 0.4), (before, res)
 

@@ -151,12 +151,12 @@ def test_batched_linear_chain_matches_generic_vmap_in_outputs_and_meta_gradients
     ep = episode(b=4)
     fast = cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=first_order, task_parallel="vmap")
     generic = cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=first_order, task_parallel="vmap")
-    assert fast._batched_forward is not None
-    generic._batched_forward = None  # torch.func.vmap over functional_call
+    assert fast.engine.chain is not None
+    generic.engine.chain = generic.engine.chain_grads = None  # torch.func.vmap over functional_call
     torch.testing.assert_close(fast(ep), generic(ep), atol=1e-6, rtol=1e-5)
     fast.train(), generic.train()
     assert_grads_close(our_meta_grads(fast, ep), our_meta_grads(generic, ep), atol=1e-6)
-    assert MAML(Conv4(out_features=5), inner_lr=0.4)._batched_forward is None  # convolutions: generic path
+    assert MAML(Conv4(out_features=5), inner_lr=0.4).engine.chain is None  # convolutions: generic path
 
 
 def test_auto_picks_vmap_without_convolutions_and_a_loop_with_them():
@@ -164,9 +164,9 @@ def test_auto_picks_vmap_without_convolutions_and_a_loop_with_them():
     assert not MAML(Conv4(out_features=5), inner_lr=0.4).use_vmap
     assert MAML(Conv4(out_features=5), inner_lr=0.4, task_parallel="vmap").use_vmap
     assert ANIL(Conv4(out_features=5), inner_lr=0.4).use_vmap  # only the linear head is adapted
-    on_gpu = MAML(Conv4(out_features=5), inner_lr=0.4)
-    on_gpu._device = torch.device("cuda", 0)  # what .to("cuda") records: on a GPU vmap wins for convolutions too
-    assert on_gpu.use_vmap and not MAML(Conv4(out_features=5), inner_lr=0.4, task_parallel="loop").use_vmap
+    on_gpu = MAML(Conv4(out_features=5), inner_lr=0.4).engine  # on a GPU vmap wins for convolutions too
+    assert on_gpu.use_vmap(torch.device("cuda", 0)) and not on_gpu.use_vmap(torch.device("cpu"))
+    assert not MAML(Conv4(out_features=5), inner_lr=0.4, task_parallel="loop").use_vmap
 
 
 @pytest.mark.parametrize(("dtype", "min_cosine"), [(torch.bfloat16, 0.95), (torch.float16, 0.99)])
@@ -193,7 +193,9 @@ def test_batch_norm_maml_meta_gradients_are_finite_and_agree_under_autocast(dtyp
         half = torch.cat([p.grad.flatten() / scale for p in model.parameters()])
         assert torch.isfinite(half).all()
         assert F.cosine_similarity(full, half, dim=0) > min_cosine
-    assert all(not m._forward_pre_hooks for m in model.modules())  # the float32 hooks are gone afterwards
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the float32 hooks are gone afterwards
+        assert norm(torch.randn(2, 16, 4, 4).bfloat16()).dtype == torch.bfloat16
 
 
 def test_bf16_inner_loop_meta_gradients_agree_with_float32():
@@ -239,8 +241,8 @@ def test_loss_scaling_keeps_small_float16_inner_gradients_from_underflowing():
 
 def test_maml_uses_float16_loss_scale_automatically_only_under_16_bit_precision():
     model = MAML(MLP(1, (4,), 1), inner_lr=0.01)
-    assert model._loss_scale() == 1.0
-    assert MAML(MLP(1, (4,), 1), inner_lr=0.01, inner_loss_scale=256.0)._loss_scale() == 256.0
+    assert model.inner_scale == 1.0
+    assert MAML(MLP(1, (4,), 1), inner_lr=0.01, inner_loss_scale=256.0).inner_scale == 256.0
 
 
 def test_non_finite_inner_loss_names_the_step_and_task():
@@ -268,7 +270,7 @@ def test_anil_adapts_only_the_head_and_runs_the_body_on_support_and_queries_outs
     calls = []
     net.features.register_forward_hook(lambda *a: calls.append(1))
     model = ANIL(net, inner_lr=0.5, inner_steps=3)
-    assert model._adapted_names == ["weight", "bias"]
+    assert model.adapted_names == ["weight", "bias"]
     loss = model.training_step(episode(b=4), 0)
     assert len(calls) == 8  # per task one body call for the support set and one for the queries, none in the inner steps
     grads = torch.autograd.grad(loss, list(net.parameters()))
@@ -319,7 +321,7 @@ def test_maml_plus_plus_per_step_rates_multi_step_loss_and_order_annealing():
     t.fit(model, blob_data())
     w = model.msl_weights()
     assert w.sum().item() == pytest.approx(1.0) and w[-1] > w[0]
-    assert not model._first_order_now()  # epoch 3 >= first_order_epochs
+    assert not model.first_order_now()  # epoch 3 >= first_order_epochs
     assert model.inner_lrs["head__weight"].ne(0.2).any()  # the per-step rates were learned
 
 
@@ -331,7 +333,7 @@ def test_reference_mlp_initialization_follows_the_maml_authors_code():
     assert all(w.abs().max() <= 0.02 for w in weights) and all(torch.equal(b, torch.zeros_like(b)) for b in biases)
     assert 0.007 < torch.cat([w.flatten() for w in weights]).std() < 0.011  # std 0.01 truncated at 2 std: 0.0088
     assert MLP(1, (40, 40), 1).features[1].weight.abs().max() > 0.1  # PyTorch's default is far wider
-    with pytest.raises(ValueError, match="Expected `init` to be 'torch' or 'reference', but got 'xavier'"):
+    with pytest.raises(ValueError, match=r"Expected `init` to be one of \('torch', 'reference'\), but got 'xavier'"):
         MLP(1, (40,), 1, init="xavier")
 
 
@@ -365,7 +367,7 @@ def test_an_overflowing_inner_update_is_caught_even_when_the_query_outputs_stay_
     model, ep = _overflowing_metasgd(task_parallel=task_parallel)
     with pytest.raises(FloatingPointError, match=r"non-finite at inner step 0 of task 1 in the meta-batch \(loss 144"):
         model.forward_episode(ep)
-    monkeypatch.setattr(MAML, "_raise_nonfinite", lambda self, losses, finite, evaluating=False: None)
+    monkeypatch.setattr(MAML, "check_inner_loop", lambda self, adapted, evaluating=False: None)
     assert torch.isfinite(model.forward_episode(ep)).all()  # what a check of the outputs alone would have let pass
 
 
@@ -398,9 +400,9 @@ def test_huge_but_finite_values_are_not_mistaken_for_non_finite():
         for p in model.backbone.features.parameters():
             p.zero_()
         model.backbone.head.weight.fill_(3e38)
-    _, losses, finite = model._run_tasks(torch.zeros(2, 3, 1), torch.zeros(2, 3), torch.zeros(2, 2, 1), 1,
-                                         first_order=True, all_steps=False)
-    assert torch.isfinite(losses).all() and finite.all()
+    adapted, _ = model.run_meta_batch(Episode(torch.zeros(2, 3, 1), torch.zeros(2, 3), torch.zeros(2, 2, 1),
+                                              torch.zeros(2, 2)), training=False)
+    assert torch.isfinite(adapted.losses).all() and adapted.finite.all() and torch.isfinite(adapted.outputs).all()
 
 
 def _graph_ops(loss):
@@ -431,16 +433,15 @@ def test_training_streams_task_by_task_or_chunk_by_chunk_with_the_same_loss_and_
     # included) as the whole-batch graph. 5 tasks in chunks of 2: the last chunk is short
     torch.manual_seed(0)
     net, ep = MLP(8, (16, 16), 3), episode(b=5)
-    models = [cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=first_order, **parallel, **kwargs)
-              for _ in range(2)]
-    models[1]._stream = False
+    models = [cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=first_order, **parallel, **kwargs,
+                  stream_meta_gradients=stream) for stream in (True, False)]
     losses, grads = [], []
     for model in models:
         model.train()
         loss = model.training_step(ep, 0)
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]))
-    assert models[0]._streams() and not models[1]._streams()
+    assert models[0].streams and not models[1].streams
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
     assert_grads_close(grads[0], grads[1], atol=1e-6)
     streamed_ops = _graph_ops(models[0].training_step(ep, 0))
@@ -448,10 +449,10 @@ def test_training_streams_task_by_task_or_chunk_by_chunk_with_the_same_loss_and_
 
 
 def test_streaming_is_for_training_on_the_task_loop_or_in_vmapped_chunks():
-    assert MAML(Conv4(out_features=5), inner_lr=0.3)._streams()  # auto: the loop on a CPU
-    assert not MAML(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="vmap")._streams()
-    assert MAML(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="vmap", task_chunk=4)._streams()
-    assert not ANIL(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="loop")._streams()
+    assert MAML(Conv4(out_features=5), inner_lr=0.3).streams  # auto: the loop on a CPU
+    assert not MAML(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="vmap").streams
+    assert MAML(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="vmap", task_chunk=4).streams
+    assert not ANIL(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="loop").streams
     with pytest.raises(ValueError, match=r"Expected `task_chunk` to be an integer >= 1, but got 0"):
         MAML(MLP(8, (16,), 3), inner_lr=0.3, task_chunk=0)
 
@@ -470,10 +471,10 @@ def test_convolutional_maml_in_vmapped_chunks_equals_the_whole_meta_batch():
 
 
 def test_the_streamed_loss_keeps_its_value_when_a_gradient_overflows_so_the_gradient_scaler_can_skip_the_step():
-    from lightning_meta.learners.maml import _WithGradients
+    from lightning_meta.functional import Streamed
 
     p = torch.ones(3, requires_grad=True)
-    loss = _WithGradients.apply(torch.tensor(2.0), [torch.tensor([1.0, float("inf"), 0.0])], p)
+    loss = Streamed(torch.tensor(2.0), [(p, torch.tensor([1.0, float("inf"), 0.0]))]).loss()
     assert loss.item() == 2.0  # (p - p.detach()) * g would be NaN here, and the base class would stop training
     (loss * 4).backward()  # the scaler's scale multiplies through; the inf reaches .grad, where the scaler sees it
     assert p.grad.tolist() == [4.0, float("inf"), 0.0]
@@ -483,7 +484,7 @@ def test_task_by_task_meta_gradients_take_the_gradient_scalers_scale_under_16_mi
     from types import SimpleNamespace
 
     model = MAML(MLP(8, (16,), 3), inner_lr=0.3, task_parallel="loop")
-    assert model._outer_scale() == 1.0
+    assert model.meta_gradient_scale == 1.0
     scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
-    model._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
-    assert model._outer_scale() == 512.0
+    model.trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), precision="16-mixed")
+    assert model.meta_gradient_scale == 512.0 and model.inner_scale == 1024.0

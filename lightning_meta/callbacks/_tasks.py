@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
+from typing_extensions import override
 
 from lightning_meta.data.episode import Episode
 
@@ -25,10 +26,13 @@ class ValidationTasks(L.Callback):
         """Whether this validation batch's tasks are of a kind the callback can use."""
         return True
 
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+    @override
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._tasks = []
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    @override
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
         batch = Episode(*batch)
         if not self.keeps(batch):
             return

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Optional
 
+import lightning as L
 import torch
+from typing_extensions import override
 
 from lightning_meta._checks import check_int
 from lightning_meta.callbacks._images import figure_dir, new_figure, save_and_log
@@ -44,7 +46,8 @@ class AdaptationCurve(ValidationTasks):
         self.num_episodes, self.shots, self.every_n_epochs = num_episodes, shots, every_n_epochs
         self.history: list[dict[str, Any]] = []
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         batch = self.collected(trainer)
         if batch is None:
             return
@@ -90,8 +93,10 @@ class AdaptationCurve(ValidationTasks):
         path = figure_dir(trainer, "adaptation") / f"epoch{point['epoch']:03d}.png"
         save_and_log(trainer, fig, path, "val/adaptation_curve")
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))

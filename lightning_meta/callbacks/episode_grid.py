@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
+from typing_extensions import override
+
 from lightning_meta._checks import check_int
 from lightning_meta.callbacks._images import figure_dir, new_figure, save_and_log
 from lightning_meta.callbacks._tasks import ValidationTasks
@@ -33,7 +36,8 @@ class EpisodeGrid(ValidationTasks):
     def keeps(self, batch: Episode) -> bool:
         return not batch.is_regression and batch.support_x.dim() == 5 and batch.support_x.shape[2] in (1, 3)
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         batch = self.collected(trainer)
         if batch is None:
             return
@@ -62,8 +66,10 @@ class EpisodeGrid(ValidationTasks):
         path = figure_dir(trainer, "episodes") / f"epoch{trainer.current_epoch:03d}.png"
         self.saved.append(str(save_and_log(trainer, fig, path, "val/episodes")))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"saved": self.saved}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = list(state_dict.get("saved", []))

@@ -10,11 +10,12 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from typing_extensions import override
 
+from lightning_meta import trainer_view
 from lightning_meta._checks import check_int
 from lightning_meta.data.episode import Episode
-from lightning_meta.data.interop import is_learn2learn_taskset
-from lightning_meta.data.sampler import is_task_distribution, make_sampler
+from lightning_meta.data.sources import make_sampler, source_kind
 from lightning_meta.data.tasks import TaskDistribution
 
 Source = Union[Dataset, TaskDistribution]
@@ -168,6 +169,7 @@ class EpisodicDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["train", "val", "test", "train_transform"])
 
     # ---------------------------------------------------------------- setup and checks
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         names = wanted.get(stage, ("train", "val", "test"))
@@ -192,6 +194,7 @@ class EpisodicDataModule(L.LightningDataModule):
             if name != "train":
                 self._check_eval_batches(name)
 
+    @override
     def prepare_data(self) -> None:
         """Fetch what the datasets need (e.g. ``Omniglot(download=True)``), once, on the first process only."""
         for source in (self.train, self.val, self.test):
@@ -215,7 +218,7 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"`{name}` must be a map-style dataset of (x, label) items or a task distribution with "
                 f"`sample(rng, n_support, n_query)`, but got {type(source).__name__}."
             )
-        if not (is_task_distribution(source) or is_learn2learn_taskset(source)) and way < 2:
+        if source_kind(source) == "classes" and way < 2:
             arg = "train_way" if name == "train" and self.hparams.train_way else "n_way"
             raise ValueError(
                 f"Expected `{arg}` to be an integer >= 2 for the "
@@ -276,15 +279,19 @@ class EpisodicDataModule(L.LightningDataModule):
             return DataLoader(stream_ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         return _EpisodeLoader(stream_ds, self.num_workers, self.pin_memory, self)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
 
@@ -315,7 +322,7 @@ class EpisodicDataModule(L.LightningDataModule):
         trainer = self._trainer_or_none()
         if trainer is None:
             return {"seed": self.seed, "epoch": self._iterations, "episodes_done": 0}
-        steps_done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        steps_done = trainer_view.batches_started(trainer)
         return {
             "seed": self.seed,
             "epoch": trainer.current_epoch,

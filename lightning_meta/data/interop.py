@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lightning_meta.data.episode import Episode
-from lightning_meta.data.sampler import STREAMS
+from lightning_meta.data.streams import STREAMS
 
 INSTALL = (
     "learn2learn is not installed. It does not build on Python 3.11+ with pip's build isolation; install it with:\n"

@@ -16,19 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_meta.data.episode import Episode
-
-STREAMS = {"train": 0, "val": 1, "test": 2}
-
-
-def episode_rng(seed: int, stream: str, epoch: int, index: int) -> np.random.Generator:
-    """The random generator of one episode: a pure function of its coordinates.
-
-    A counter-based Philox generator keyed by the seed, whose counter starts at ``(0, epoch, stream, index)``: drawing
-    only advances the lowest counter word, so two episodes' streams never overlap, and creating one is cheap.
-    """
-    seed = int(seed)
-    key = [seed & 0xFFFFFFFFFFFFFFFF, (seed >> 64) & 0xFFFFFFFFFFFFFFFF]
-    return np.random.Generator(np.random.Philox(key=key, counter=[0, int(epoch), STREAMS[stream], int(index)]))
+from lightning_meta.data.streams import episode_rng
 
 
 def labels_of(dataset) -> Tensor:
@@ -208,19 +196,3 @@ class TaskEpisodeSampler:
 
     def episode(self, stream: str, epoch: int, index: int) -> Episode:
         return self.batch(stream, epoch, [index]).task(0)
-
-
-def is_task_distribution(source) -> bool:
-    """A source that generates tasks (``sample(rng, n_support, n_query)``) rather than serving labelled items."""
-    return callable(getattr(source, "sample", None)) and not hasattr(source, "__getitem__")
-
-
-def make_sampler(source, n_way: int, n_shot: int, n_query: int, seed: int, name: str):
-    """The sampler for a labelled dataset, a task distribution or a learn2learn task dataset."""
-    from lightning_meta.data.interop import Learn2LearnTaskSampler, is_learn2learn_taskset
-
-    if is_learn2learn_taskset(source):
-        return Learn2LearnTaskSampler(source, n_way, n_shot, n_query, seed, name)
-    if is_task_distribution(source):
-        return TaskEpisodeSampler(source, n_way, n_shot, n_query, seed)
-    return ClassEpisodeSampler(source, n_way, n_shot, n_query, seed, name)

@@ -13,8 +13,7 @@ class RandomShift:
     """Translate every image by a random whole number of pixels in ``[-max_shift, max_shift]`` along each axis, with
     zero fill (blank background for Omniglot-style strokes).
 
-    On the small Omniglot split this is worth 0.7 points of 5-way and 2.0 points of 20-way 1-shot accuracy for a
-    Conv4 ProtoNet (``benchmarks/omniglot_accuracy.py --shift 3``), as the split has few training characters.
+    What it is worth on the small Omniglot split is measured in the README ("Measured results").
 
     Example:
         >>> x = torch.zeros(1, 1, 1, 9, 9); x[..., 4, 4] = 1.0

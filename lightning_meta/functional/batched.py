@@ -183,39 +183,47 @@ def batched_chain_grads(module: nn.Module) -> Optional[BatchedGrads]:
         if first_linear is None or not (x.dim() == 3 or flattens_first):
             return None
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
-            h, saved = x, []
-            for kind, layer, wname, bname in steps:  # forward, keeping what the backward needs
-                if kind == "flatten":
-                    saved.append(h.shape)
-                    h = h.flatten(2)
-                elif kind == "elementwise":
-                    z, h = h, layer(h)
-                    saved.append((z, h))
-                else:
-                    saved.append(h)
-                    h = _linear(params, layer, wname, bname, h)
+            saved, h = _chain_forward(steps, params, x)
             losses, d = _loss_and_grad(h, y, scale)
-            out: dict[str, Tensor] = {}
-            for i in range(len(steps) - 1, first_linear - 1, -1):  # backward, down to the first linear layer
-                kind, layer, wname, bname = steps[i]
-                if kind == "flatten":
-                    d = d.reshape(saved[i])
-                elif kind == "elementwise":
-                    d = _DERIVATIVES[type(layer)](layer, d, *saved[i])
-                else:
-                    weight = params.get(wname, layer.weight)
-                    if wname in params:
-                        _accumulate(out, wname, torch.bmm(d.transpose(1, 2), saved[i]))
-                    if bname in params:
-                        _accumulate(out, bname, d.sum(1))
-                    if i > first_linear:
-                        d = torch.bmm(d, weight) if weight.dim() == 3 else torch.matmul(d, weight)
-        grads = {}
-        for k, p in params.items():
-            g = out.get(k)
-            if g is None:  # a parameter the loss does not depend on
-                g = torch.zeros_like(p)
-            grads[k] = g.float() / scale if scale != 1.0 else g.to(p.dtype)  # as scaled_grad returns them
-        return grads, losses
+            out = _chain_backward(steps, params, saved, d, first_linear)
+        grads = {k: out[k] if k in out else torch.zeros_like(p) for k, p in params.items()}  # zeros: unused by the loss
+        return {k: g.float() / scale if scale != 1.0 else g.to(params[k].dtype) for k, g in grads.items()}, losses
 
     return grads
+
+
+def _chain_forward(steps: list, params: dict[str, Tensor], x: Tensor) -> tuple[list, Tensor]:
+    """The chain's forward pass, keeping what its backward needs: ``(saved per step, outputs)``."""
+    h, saved = x, []
+    for kind, layer, wname, bname in steps:
+        if kind == "flatten":
+            saved.append(h.shape)
+            h = h.flatten(2)
+        elif kind == "elementwise":
+            z, h = h, layer(h)
+            saved.append((z, h))
+        else:
+            saved.append(h)
+            h = _linear(params, layer, wname, bname, h)
+    return saved, h
+
+
+def _chain_backward(steps: list, params: dict[str, Tensor], saved: list, d: Tensor, first_linear: int) -> dict:
+    """Backpropagate ``d`` (the loss gradient at the outputs) down to the first linear layer: the gradients of the
+    parameters in ``params`` (a parameter used in several places gets the sum over its uses)."""
+    out: dict[str, Tensor] = {}
+    for i in range(len(steps) - 1, first_linear - 1, -1):
+        kind, layer, wname, bname = steps[i]
+        if kind == "flatten":
+            d = d.reshape(saved[i])
+        elif kind == "elementwise":
+            d = _DERIVATIVES[type(layer)](layer, d, *saved[i])
+        else:
+            weight = params.get(wname, layer.weight)
+            if wname in params:
+                _accumulate(out, wname, torch.bmm(d.transpose(1, 2), saved[i]))
+            if bname in params:
+                _accumulate(out, bname, d.sum(1))
+            if i > first_linear:
+                d = torch.bmm(d, weight) if weight.dim() == 3 else torch.matmul(d, weight)
+    return out

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_meta._checks import check_choice
 from lightning_meta.functional.batched import batched_chain, batched_chain_grads
 from lightning_meta.functional.inner_loop import LearningRates, Params, functional_forward, inner_adapt, inner_adapt_batched
 
@@ -109,6 +110,63 @@ def batch_norms(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+BATCH_NORM = ("support", "transductive")
+
+
+def _support_normalised(support: int):
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        x = args[0]  # [S + M, C, ...]: this task's support rows first
+        dims = [0, *range(2, x.dim())]
+        mean = x[:support].mean(dims, keepdim=True)
+        var = x[:support].var(dims, unbiased=False, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + module.eps)
+        if module.weight is not None:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            y = y * module.weight.view(shape) + module.bias.view(shape)
+        return y.to(output.dtype)
+
+    return hook
+
+
+@contextlib.contextmanager
+def support_statistics(norms: Sequence[nn.Module], support: int) -> Iterator[None]:
+    """For the duration, the batch norms ``norms`` normalise a batch whose first ``support`` rows are a task's
+    support set with the statistics of those rows alone (biased variance, as batch norm normalises a batch), so each
+    of the other rows (queries) is normalised independently of the others: its output is the same alone or in any
+    batch. Works inside ``vmap`` (each task's rows) and with ``functional_call`` (the adapted affine weights)."""
+    handles = [m.register_forward_hook(_support_normalised(support)) for m in norms]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def predict_queries(forward: Callable, params: Params, support_x: Tensor, query_x: Tensor,
+                    norms: Sequence[nn.Module], batch_norm: str = "support", dim: int = 0) -> Tensor:
+    """``forward(params, query_x)`` with batch norm as ``batch_norm`` says: ``"transductive"`` normalises the queries
+    with their own batch statistics (the MAML paper's code); ``"support"`` with their task's support statistics
+    (:func:`support_statistics`), so a query's prediction does not depend on which other queries share its batch.
+    ``dim``: the dimension of the examples (0 for one task ``[n, ...]``, 1 for a meta-batch ``[B, n, ...]``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+        >>> forward, params = functional_forward(net), dict(net.named_parameters())
+        >>> sx, qx = torch.randn(6, 2), torch.randn(5, 2)
+        >>> together = predict_queries(forward, params, sx, qx, [net[1]])
+        >>> alone = torch.cat([predict_queries(forward, params, sx, q[None], [net[1]]) for q in qx])
+        >>> torch.allclose(together, alone, atol=1e-6)
+        True
+    """
+    check_choice("batch_norm", batch_norm, BATCH_NORM)
+    if batch_norm == "transductive" or not norms:
+        return forward(params, query_x)
+    support = support_x.shape[dim]
+    with support_statistics(norms, support):
+        out = forward(params, torch.cat([support_x, query_x], dim))
+    return out.narrow(dim, support, query_x.shape[dim])
+
+
 class MetaBatchEngine:
     """Runs the inner loops of a meta-batch of tasks on ``module`` (see the module docstring).
 
@@ -117,6 +175,7 @@ class MetaBatchEngine:
         task_parallel: ``"vmap"``, ``"loop"`` or ``"auto"`` (vmap on a GPU, and on a CPU for networks without
             convolutions, whose vmapped form is slower there than a loop; ``benchmarks/bench_gpu.py`` measures it).
         task_chunk: tasks per chunk when streaming (``None``: the whole meta-batch under vmap, one task on the loop).
+        batch_norm: how queries are normalised (:func:`predict_queries`): ``"support"`` or ``"transductive"``.
 
     Example:
         >>> from lightning_meta.models import MLP
@@ -129,10 +188,12 @@ class MetaBatchEngine:
         (torch.Size([4, 1, 3, 1]), torch.Size([4, 2]))
     """
 
-    def __init__(self, module: nn.Module, task_parallel: str = "auto", task_chunk: Optional[int] = None) -> None:
-        if task_parallel not in TASK_PARALLEL:
-            raise ValueError(f"Expected `task_parallel` to be one of {TASK_PARALLEL}, but got {task_parallel!r}.")
+    def __init__(self, module: nn.Module, task_parallel: str = "auto", task_chunk: Optional[int] = None,
+                 batch_norm: str = "support") -> None:
+        check_choice("task_parallel", task_parallel, TASK_PARALLEL)
+        check_choice("batch_norm", batch_norm, BATCH_NORM)
         self.module, self.task_parallel, self.task_chunk = module, task_parallel, task_chunk
+        self.batch_norm = batch_norm
         self.forward = functional_forward(module)  # (params, x) -> outputs; shared weights replaced in every use
         self.chain = batched_chain(module)  # a fast vmap replacement for linear/activation chains, or None
         self.chain_grads = batched_chain_grads(module) if self.chain is not None else None
@@ -159,8 +220,7 @@ class MetaBatchEngine:
         before the first (``"all_and_initial"``). With ``share``, each chunk's meta-loss terms are differentiated
         with respect to ``leaves`` as soon as the chunk is done (scaled by ``outer_scale``, e.g. a gradient scaler's
         scale, and unscaled in float32); the outputs then come back detached with the :class:`Streamed` sums."""
-        if trajectory not in TRAJECTORIES:
-            raise ValueError(f"Expected `trajectory` to be one of {TRAJECTORIES}, but got {trajectory!r}.")
+        check_choice("trajectory", trajectory, TRAJECTORIES)
         vmap = self.use_vmap(support_x.device)
         b = support_x.shape[0]
         chunk = (self.task_chunk or (b if vmap else 1)) if share is not None else b
@@ -182,7 +242,8 @@ class MetaBatchEngine:
         batched = {n: p.expand(sx.shape[0], *p.shape) for n, p in params.items()}
         path, losses, finite = inner_adapt_batched(forward, batched, sx, sy, steps, rates, first_order, loss_scale,
                                                    self.chain_grads)
-        return torch.stack([forward(p, qx) for p in _pick(path, trajectory)], 1), losses, finite
+        outputs = [predict_queries(forward, p, sx, qx, self.norms, self.batch_norm, dim=1) for p in _pick(path, trajectory)]
+        return torch.stack(outputs, 1), losses, finite
 
     def _loop(self, params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
         """One task after another, each with ``torch.autograd.grad`` (cheaper per call than ``torch.func.grad``)."""
@@ -190,7 +251,9 @@ class MetaBatchEngine:
         for i in range(sx.shape[0]):
             path, losses, finite = inner_adapt(self.forward, params, sx[i], sy[i], steps, rates, first_order,
                                                loss_scale, engine="autograd")
-            per_task.append((torch.stack([self.forward(p, qx[i]) for p in _pick(path, trajectory)]), losses, finite))
+            outputs = [predict_queries(self.forward, p, sx[i], qx[i], self.norms, self.batch_norm)
+                       for p in _pick(path, trajectory)]
+            per_task.append((torch.stack(outputs), losses, finite))
         out, losses, finite = (torch.stack(r) for r in zip(*per_task))
         return out, losses, finite
 

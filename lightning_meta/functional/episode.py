@@ -47,6 +47,26 @@ def target_ndim(targets: Tensor, batch_dims: int) -> int:
     return targets.dim() - batch_dims - 1 if targets.is_floating_point() else 0
 
 
+def like_targets(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Regression predictions ``[.., M, 1]`` for scalar targets ``[.., M]`` as ``[.., M]``; others unchanged."""
+    scalar = targets.is_floating_point() and outputs.dim() == targets.dim() + 1 and outputs.shape[-1] == 1
+    return outputs.squeeze(-1) if scalar else outputs
+
+
+def msl_weights(steps: int, epochs: int, epoch: int) -> Tensor:
+    """MAML++ multi-step loss weights ``[steps]`` at ``epoch`` (Antoniou et al. 2019, section 4): uniform at first,
+    annealed over ``epochs`` epochs towards the last step, every other step keeping at least ``0.03 / steps``.
+
+    Example:
+        >>> msl_weights(3, 10, 0).tolist(), msl_weights(2, 2, 5).tolist()
+        ([0.3333333432674408, 0.3333333432674408, 0.3333333432674408], [0.014999999664723873, 0.9850000143051147])
+    """
+    decay, floor = 1.0 / steps / epochs, 0.03 / steps
+    w = torch.full((steps,), max(1.0 / steps - epoch * decay, floor))
+    w[-1] = min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
+    return w
+
+
 def episode_accuracy(logits: Tensor, targets: Tensor) -> Tensor:
     """Query accuracy of each task ``[...]`` from logits ``[..., M, N]`` and labels ``[..., M]``.
 

@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_meta._checks import surely_finite
+from lightning_meta._checks import check_choice, surely_finite
 from lightning_meta.functional.batched import BatchedGrads
 from lightning_meta.functional.episode import per_task_loss, target_ndim
 
 Params = dict[str, Tensor]
+ENGINES = ("func", "autograd")
 LearningRates = Callable[[int], dict[str, Union[Tensor, float]]]
 
 
@@ -44,7 +45,8 @@ def functional_forward(module: nn.Module) -> Callable[[Params, Tensor], Tensor]:
 
 
 def scaled_grad(
-    loss_fn: Callable[[Params], Tensor], params: Params, scale: float = 1.0, create_graph: bool | None = None
+    loss_fn: Callable[[Params], Tensor], params: Params, scale: float = 1.0, create_graph: bool = True,
+    engine: str = "func",
 ) -> tuple[Params, Tensor]:
     """Gradients of ``loss_fn(params)`` with loss scaling: ``grad(scale * loss) / scale``, unscaled in float32.
 
@@ -52,9 +54,10 @@ def scaled_grad(
     and dividing the float32 gradients after keeps them. Returns ``(grads, loss)``; never touches ``.grad``.
     ``loss_fn`` may return a vector of independent task losses: their sum is differentiated and the vector returned.
 
-    ``create_graph=None`` uses ``torch.func.grad`` (composable with ``vmap``; differentiable for the outer loop).
-    ``True``/``False`` uses ``torch.autograd.grad`` with that ``create_graph``: the same numbers with less per-call
-    overhead, for a loop over tasks outside ``vmap`` (``False`` gives first-order, detached gradients).
+    ``engine``: ``"func"`` uses ``torch.func.grad`` (composable with ``vmap``; always differentiable for the outer
+    loop); ``"autograd"`` uses ``torch.autograd.grad`` with ``create_graph`` (the same numbers with less per-call
+    overhead outside ``vmap``; ``create_graph=False`` gives first-order, detached gradients; ``params`` must require
+    grad or come from tensors that do).
 
     Example:
         >>> w = {"w": torch.tensor([1.0], dtype=torch.float16)}
@@ -62,13 +65,14 @@ def scaled_grad(
         >>> scaled_grad(loss, w)[0]["w"].item(), f"{scaled_grad(loss, w, scale=2.0**14)[0]['w'].item():.2e}"
         (0.0, '1.00e-08')
     """
+    check_choice("engine", engine, ENGINES)
 
     def scaled(p: Params) -> tuple[Tensor, Tensor]:
         loss = loss_fn(p)
         total = loss if loss.dim() == 0 else loss.sum()  # per-task losses: their sum, task by task exact
         return total * scale if scale != 1.0 else total, loss
 
-    if create_graph is None:
+    if engine == "func":
         grads, loss = torch.func.grad(scaled, has_aux=True)(params)
     else:
         scaled_loss, loss = scaled(params)
@@ -105,7 +109,7 @@ def inner_adapt(
     initial ``params`` (second order) unless ``first_order``, where each step's gradient is treated as a constant.
 
     Args:
-        forward: ``(params, x) -> outputs``, usually ``functional_call`` of a module.
+        forward: ``(params, x) -> outputs``, e.g. :func:`functional_forward` of a module.
         params: the parameters to adapt, by name.
         support_x, support_y: one task's support set (no batch dimension).
         steps: number of inner steps.
@@ -113,8 +117,8 @@ def inner_adapt(
             parameter (Meta-SGD), and may be learnable.
         first_order: drop second-order terms.
         loss_scale: loss scaling for float16 (see :func:`scaled_grad`).
-        engine: ``"func"`` (``torch.func.grad``; required under ``vmap``) or ``"autograd"`` (``torch.autograd.grad``,
-            faster in a plain loop; the initial ``params`` must require grad).
+        engine: how gradients are taken (see :func:`scaled_grad`): ``"func"`` (required under ``vmap``) or
+            ``"autograd"`` (faster in a plain loop; the initial ``params`` must require grad).
 
     Returns:
         ``(params after each step [steps + 1 dicts, the first the initial], inner losses [steps],
@@ -128,23 +132,16 @@ def inner_adapt(
         >>> round(traj[-1]["w"].item(), 4), losses.tolist(), ok.tolist()   # w - 0.25 * 2 * (w - 3) = 2
         (2.0, [4.0], [True])
     """
-    trajectory, losses, finite = [params], [], []
     ndim = target_ndim(support_y, 0)
-    for step in range(steps):
-        create_graph = None if engine == "func" else not first_order
-        grads, loss = scaled_grad(lambda p: per_task_loss(forward(p, support_x), support_y, ndim), params, loss_scale,
-                                  create_graph)
-        if first_order:
-            grads = {k: g.detach() for k, g in grads.items()}
-        rates = learning_rates(step)
-        params = {k: _sgd_step(p, rates[k], grads[k]) for k, p in params.items()}
-        trajectory.append(params)
-        losses.append(loss.float())
-        finite.append(torch.stack([torch.isfinite(p).all() for p in params.values()]).all())
-    if not steps:
-        empty = support_x.new_zeros(0)
-        return trajectory, empty.float(), empty.bool()
-    return trajectory, torch.stack(losses), torch.stack(finite)
+
+    def gradient(p: Params) -> tuple[Params, Tensor]:
+        grads, loss = scaled_grad(lambda q: per_task_loss(forward(q, support_x), support_y, ndim), p, loss_scale,
+                                  create_graph=not first_order, engine=engine)
+        return ({k: g.detach() for k, g in grads.items()} if first_order else grads), loss
+
+    trajectory, losses = _descend(params, steps, learning_rates, gradient)
+    batched = [{k: v.unsqueeze(0) for k, v in p.items()} for p in trajectory]  # a meta-batch of one task
+    return trajectory, losses[0], _finite_steps(batched, losses)[0]
 
 
 def inner_adapt_batched(
@@ -182,23 +179,31 @@ def inner_adapt_batched(
         >>> traj[-1]["w"].tolist(), losses.tolist()   # each task: w - 0.25 * 2 * (w - 3)
         ([2.0, 2.5], [[4.0], [1.0]])
     """
-    trajectory, losses = [params], []
     ndim = target_ndim(support_y, 1)
+
+    def gradient(p: Params) -> tuple[Params, Tensor]:
+        got = support_grads(p, support_x, support_y, loss_scale, not first_order) if support_grads else None
+        return got or scaled_grad(lambda q: per_task_loss(forward(q, support_x), support_y, ndim), p, loss_scale,
+                                  create_graph=not first_order, engine="autograd")
+
+    trajectory, losses = _descend(params, steps, learning_rates, gradient)
+    return trajectory, losses, _finite_steps(trajectory, losses)
+
+
+def _descend(params: Params, steps: int, learning_rates: LearningRates,
+             gradient: Callable[[Params], tuple[Params, Tensor]]) -> tuple[list[Params], Tensor]:
+    """The inner loop itself: ``steps`` gradient steps from ``params``; ``(trajectory, support losses [B, steps])``
+    where ``gradient(params) -> (grads, losses)`` gives a scalar loss (one task) or one per task ``[B]``."""
+    if steps < 1:
+        raise ValueError(f"Expected `steps` to be an integer >= 1, but got {steps!r}.")
+    trajectory, losses = [params], []
     for step in range(steps):
-        got = support_grads(params, support_x, support_y, loss_scale, not first_order) if support_grads else None
-        if got is None:
-            got = scaled_grad(lambda p: per_task_loss(forward(p, support_x), support_y, ndim), params, loss_scale,
-                              create_graph=not first_order)
-        grads, task_losses = got  # task_losses [B]
+        grads, loss = gradient(params)
         rates = learning_rates(step)
         params = {k: _sgd_step(p, rates[k], grads[k]) for k, p in params.items()}
         trajectory.append(params)
-        losses.append(task_losses.float())
-    if not steps:
-        empty = support_x.new_zeros(support_x.shape[0], 0)
-        return trajectory, empty.float(), empty.bool()
-    losses = torch.stack(losses, 1)
-    return trajectory, losses, _finite_steps(trajectory, losses)
+        losses.append(loss.float().reshape(-1))
+    return trajectory, torch.stack(losses, 1)
 
 
 def _finite_steps(trajectory: list[Params], losses: Tensor) -> Tensor:

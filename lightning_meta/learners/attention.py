@@ -78,15 +78,9 @@ class AttentionLearner(MetaLearner):
         query_attention: bool = False,
         embedding_dim: Optional[int] = None,
         target_dim: int = 1,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        optimizer: str = "adam",
-        lr_scheduler: Optional[str] = None,
-        lr_step_epochs: int = 10,
-        lr_gamma: float = 0.5,
-        nonfinite: str = "raise",
+        **kwargs,
     ) -> None:
-        super().__init__(lr, weight_decay, optimizer, lr_scheduler, lr_step_epochs, lr_gamma, nonfinite)
+        super().__init__(**kwargs)
         for name, value, minimum in (("max_way", max_way, 2), ("dim", dim, 1), ("depth", depth, 1), ("heads", heads, 1),
                                      ("target_dim", target_dim, 1)):
             check_int(name, value, minimum)
@@ -95,7 +89,6 @@ class AttentionLearner(MetaLearner):
         embedding_dim = embedding_dim or getattr(backbone, "embedding_dim", None)
         if embedding_dim is None:
             raise ValueError("Pass `embedding_dim`: the backbone has no `embedding_dim` attribute to read it from.")
-        self.save_hyperparameters(ignore=["backbone"])
         self.backbone, self.max_way = backbone, max_way
         self.input = nn.Linear(embedding_dim, dim)
         self.label = nn.Linear(dim, dim)  # embeds a label by its class token
@@ -185,4 +178,4 @@ class AttentionLearner(MetaLearner):
                 qy = torch.zeros(qx.shape[:2] + sy.shape[2:], dtype=sy.dtype, device=qx.device)
                 return self.forward_episode(Episode(batch.support_x, batch.support_y, qx, qy))[0]
 
-        return TaskPredictor(self, predict, n_way)
+        return TaskPredictor(predict, n_way)

@@ -12,8 +12,10 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
-from lightning_meta._checks import check_positive, surely_finite
+from lightning_meta import trainer_view
+from lightning_meta._checks import check_choice, check_positive, surely_finite
 from lightning_meta.checkpoint import CheckedCheckpointIO, read_checkpoint, rng_states, set_rng_states
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional.episode import episode_accuracy, per_task_loss, target_ndim
@@ -36,8 +38,8 @@ class TaskPredictor:
         (2, [0, 1])
     """
 
-    def __init__(self, learner: MetaLearner, predict: Callable[[Tensor], Tensor], n_way: int) -> None:
-        self.learner, self._predict, self.n_way = learner, predict, n_way
+    def __init__(self, predict: Callable[[Tensor], Tensor], n_way: int) -> None:
+        self._predict, self.n_way = predict, n_way
 
     def __call__(self, query_x: Tensor) -> Tensor:
         return self._predict(query_x)
@@ -86,12 +88,12 @@ class MetaLearner(L.LightningModule):
     ) -> None:
         super().__init__()
         check_positive("lr", lr)
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"Expected `optimizer` to be one of {sorted(OPTIMIZERS)}, but got {optimizer!r}.")
-        if lr_scheduler not in SCHEDULERS:
-            raise ValueError(f"Expected `lr_scheduler` to be one of {SCHEDULERS}, but got {lr_scheduler!r}.")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"Expected `nonfinite` to be 'raise' or 'skip', but got {nonfinite!r}.")
+        check_choice("optimizer", optimizer, sorted(OPTIMIZERS))
+        check_choice("lr_scheduler", lr_scheduler, SCHEDULERS)
+        check_choice("nonfinite", nonfinite, ("raise", "skip"))
+        # every option of the learner, its subclass's included (Lightning collects the arguments of each __init__ in
+        # the chain), stored once; the modules passed in are not hyperparameters
+        self.save_hyperparameters(ignore=["backbone"])
         # per-stage episode metrics (ModuleDict keys may not shadow Module methods such as `train`)
         self.metrics = nn.ModuleDict({f"{stage}_value": EpisodeMean() for stage in STAGES})
         self.losses = nn.ModuleDict({f"{stage}_loss": EpisodeMean() for stage in STAGES})
@@ -140,31 +142,41 @@ class MetaLearner(L.LightningModule):
                        as_targets(qy, "query_y"))
 
     # ------------------------------------------------------------------ steps
+    @override
     def forward(self, batch: Episode) -> Tensor:
         """Query outputs of a meta-batch (see :meth:`forward_episode`), after the same checks as a training step."""
         batch = self.prepare_episode(batch)
         self.check_episode(batch)
         return self.forward_episode(batch)
 
-    def _step(self, batch: Any, stage: str) -> Optional[Tensor]:
+    @override
+    def training_step(self, batch: Episode, batch_idx: int) -> Optional[Tensor]:
         batch = self.prepare_episode(batch)
         self.check_episode(batch)
         outputs = self.forward_episode(batch)
-        loss = self.meta_loss(batch, outputs)
-        if stage == "train" and not self._all_finite(loss):
+        return self.finish_training_step(batch, outputs, self.meta_loss(batch, outputs))
+
+    def finish_training_step(self, batch: Episode, outputs: Tensor, loss: Tensor) -> Optional[Tensor]:
+        """Log a training step and return its meta-loss; a non-finite one stops training naming the step, or with
+        ``nonfinite="skip"`` skips the meta-batch (under DDP all ranks decide together)."""
+        if not self._all_finite(loss):
             step = self.trainer.global_step if self._trainer is not None else 0
             where = f"is {loss.item()}" if not torch.isfinite(loss) else "is finite here but not on another process"
-            if self.hparams.get("nonfinite", "raise") == "skip":
-                rank_zero_warn(f"Skipped meta-batch at global step {step}: the meta-loss {where}.",)
+            if self.hparams.nonfinite == "skip":
+                rank_zero_warn(f"Skipped meta-batch at global step {step}: the meta-loss {where}.")
                 return self._skipped_loss()
             raise FloatingPointError(
                 f"The meta-loss {where} at global step {step} (epoch {self.current_epoch}, batch "
-                f"{self.trainer.fit_loop.epoch_loop.batch_idx if self._trainer is not None else 0}). Training stopped "
-                "before the model was updated. Lower the learning rates, check the inputs for NaNs, or pass "
-                "nonfinite='skip' to skip such meta-batches."
+                f"{trainer_view.batch_index(self._trainer)}). Training stopped before the model was updated. Lower "
+                "the learning rates, check the inputs for NaNs, or pass nonfinite='skip' to skip such meta-batches."
             )
-        self._log_step(batch, outputs.detach(), loss.detach(), stage)
+        self._log_step(batch, outputs.detach(), "train", loss.detach())
         return loss
+
+    def _evaluate(self, batch: Episode, stage: str) -> None:
+        batch = self.prepare_episode(batch)
+        self.check_episode(batch)
+        self._log_step(batch, self.forward_episode(batch).detach(), stage)
 
     def _skipped_loss(self) -> Optional[Tensor]:
         """What a skipped training step returns: ``None`` in one process. Under DDP every rank must join the gradient
@@ -176,10 +188,11 @@ class MetaLearner(L.LightningModule):
         self._drop_gradients = True
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
+    @override
     def on_after_backward(self) -> None:
         if getattr(self, "_drop_gradients", False):
             self._drop_gradients = False
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            scaler = trainer_view.gradient_scaler(self._trainer)
             for p in self.parameters():
                 if p.grad is not None:
                     p.grad = torch.full_like(p.grad, float("nan")) if scaler is not None else None
@@ -192,7 +205,7 @@ class MetaLearner(L.LightningModule):
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         return finite
 
-    def _log_step(self, batch: Episode, outputs: Tensor, loss: Tensor, stage: str) -> None:
+    def _log_step(self, batch: Episode, outputs: Tensor, stage: str, loss: Optional[Tensor] = None) -> None:
         regression = batch.is_regression
         self._regression = regression
         if stage == "train" and self._trainer is None:
@@ -226,43 +239,49 @@ class MetaLearner(L.LightningModule):
         for metric in (self.metrics[f"{stage}_value"], self.losses[f"{stage}_loss"], self.diverged[f"{stage}_diverged"]):
             metric.reset()
 
-    def training_step(self, batch: Episode, batch_idx: int) -> Optional[Tensor]:
-        return self._step(batch, "train")
-
+    @override
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._evaluate(batch, "val")
 
+    @override
     def test_step(self, batch: Episode, batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._evaluate(batch, "test")
 
+    @override
     def predict_step(self, batch: Episode, batch_idx: int) -> Tensor:
         """Query outputs of the meta-batch: logits ``[B, M, N]``, or predictions shaped like ``query_y``."""
         return self(batch)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
     # ------------------------------------------------------------------ checkpoints
+    @override
     def setup(self, stage: str) -> None:
         # runs before Lightning restores a checkpoint: read it through an IO whose errors name a broken file
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO()
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lightning_meta_rng"] = rng_states()
         spec = backbone_spec(self.backbone)
         if spec is not None:  # lets load_from_checkpoint rebuild the backbone without being given one
             checkpoint["lightning_meta_backbone"] = spec
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # only a resumed fit continues the saved random streams; loading weights must not reseed a later, other run
         resuming = self._trainer is not None and self.trainer.state.fn == "fit"
         self._pending_rng = checkpoint.get("lightning_meta_rng") if resuming else None
 
+    @override
     def on_train_start(self) -> None:
         # Lightning does not restore global RNG states; a resumed run continues the saved streams (dropout...)
         if self._pending_rng is not None:
@@ -287,10 +306,11 @@ class MetaLearner(L.LightningModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ optimizers
+    @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        name = hp.get("optimizer", "adam")
-        kwargs = {"lr": hp.get("lr", 1e-3), "weight_decay": hp.get("weight_decay", 0.0)}
+        name = hp.optimizer
+        kwargs = {"lr": hp.lr, "weight_decay": hp.weight_decay}
         if name == "sgd":
             kwargs["momentum"] = 0.9
         exempt = {id(p) for p in self.no_weight_decay()}
@@ -298,14 +318,14 @@ class MetaLearner(L.LightningModule):
         if exempt:
             groups.append({"params": [p for p in self.parameters() if id(p) in exempt], "weight_decay": 0.0})
         optimizer = OPTIMIZERS[name](groups, **kwargs)
-        schedule = hp.get("lr_scheduler")
+        schedule = hp.lr_scheduler
         if schedule is None:
             return optimizer
         if schedule == "cosine":
-            total = max(self._total_steps(), 1)
+            total = max(self.total_training_steps(), 1)
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.get("lr_step_epochs", 10), hp.get("lr_gamma", 0.5))
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.lr_step_epochs, hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def no_weight_decay(self) -> list[nn.Parameter]:
@@ -313,7 +333,7 @@ class MetaLearner(L.LightningModule):
         would pull towards zero, i.e. towards no adaptation)."""
         return []
 
-    def _total_steps(self) -> int:
+    def total_training_steps(self) -> int:
         """Optimizer steps of the whole run. For an EpisodicDataModule this is arithmetic: Lightning's
         ``estimated_stepping_batches`` would iterate the training loader before a checkpoint is restored, and the
         first batch it prefetches then would not be the resumed position."""
@@ -337,6 +357,14 @@ class MetaLearner(L.LightningModule):
             yield
         finally:
             self.train(was_training)
+
+    @contextlib.contextmanager
+    def gradients_enabled(self) -> Iterator[bool]:
+        """Gradients for the duration even inside Lightning's inference mode (validation, testing: MAML adapts there);
+        yields whether inference mode was on (its tensors then need normal copies to enter autograd)."""
+        inference = torch.is_inference_mode_enabled()
+        with torch.inference_mode(False) if inference else contextlib.nullcontext(), torch.enable_grad():
+            yield inference
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -404,6 +432,12 @@ def check_episode(batch: Episode) -> int:
     if sy.is_floating_point() != qy.is_floating_point():
         raise TypeError(f"support_y is {sy.dtype} but query_y is {qy.dtype}: both must be integer labels "
                         "(classification) or both float targets (regression).")
+    _check_finite(batch)
+    return 1 if sy.is_floating_point() else _check_labels(sy, qy)
+
+
+def _check_finite(batch: Episode) -> None:
+    sx, sy, qx, qy = batch
     floats = [t for t in batch if t.is_floating_point()]
     if not surely_finite(floats):  # the exact checks run only when the quick one fails
         for name, t in (("support_x", sx), ("query_x", qx)):
@@ -411,8 +445,10 @@ def check_episode(batch: Episode) -> int:
                 raise ValueError(f"Episode.{name} contains NaN or infinite values: clean the inputs before training.")
         if sy.is_floating_point() and not (torch.isfinite(sy).all() and torch.isfinite(qy).all()):
             raise ValueError("Episode regression targets contain NaN or infinite values.")
-    if sy.is_floating_point():
-        return 1
+
+
+def _check_labels(sy: Tensor, qy: Tensor) -> int:
+    """Class labels ``0..N-1`` with every class in every task's support set; returns N."""
     lo, hi = int(torch.minimum(sy.min(), qy.min())), int(sy.max())
     if lo < 0:
         raise ValueError(f"Episode labels must be 0..N-1, but found label {lo}.")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
+from lightning_meta._checks import check_choice
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional import class_prototypes, cosine_logits, squared_euclidean
 from lightning_meta.learners.base import MetaLearner, TaskPredictor
@@ -44,20 +43,12 @@ class ProtoNet(MetaLearner):
         distance: str = "euclidean",
         scale: float = 10.0,
         learn_scale: bool = True,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        optimizer: str = "adam",
-        lr_scheduler: Optional[str] = None,
-        lr_step_epochs: int = 10,
-        lr_gamma: float = 0.5,
-        nonfinite: str = "raise",
+        **kwargs,
     ) -> None:
-        super().__init__(lr, weight_decay, optimizer, lr_scheduler, lr_step_epochs, lr_gamma, nonfinite)
-        if distance not in DISTANCES:
-            raise ValueError(f"Expected `distance` to be one of {DISTANCES}, but got {distance!r}.")
+        super().__init__(**kwargs)
+        check_choice("distance", distance, DISTANCES)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"Expected `backbone` to be an nn.Module, but got {type(backbone).__name__}.")
-        self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.distance = distance
         # only cosine logits use the scale: a trainable parameter outside the loss would stop DDP
@@ -98,4 +89,4 @@ class ProtoNet(MetaLearner):
             with self.evaluating():
                 return self.logits(self.embed(self.as_inputs(query_x, "query_x")), prototypes)
 
-        return TaskPredictor(self, predict, n_way)
+        return TaskPredictor(predict, n_way)

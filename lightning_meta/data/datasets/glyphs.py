@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from lightning_meta._checks import check_int
+from lightning_meta._checks import check_choice, check_int
 from lightning_meta.data.datasets.base import CachedImageDataset
 
 SPLIT_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}
@@ -43,8 +43,7 @@ class SyntheticGlyphs(CachedImageDataset):
         image_size: int = 28,
         seed: int = 0,
     ) -> None:
-        if split not in SPLIT_OFFSET:
-            raise ValueError(f"Expected `split` to be one of {tuple(SPLIT_OFFSET)}, but got {split!r}.")
+        check_choice("split", split, SPLIT_OFFSET)
         num_classes = DEFAULT_CLASSES[split] if num_classes is None else num_classes
         for name, value in (("num_classes", num_classes), ("samples_per_class", samples_per_class),
                             ("image_size", image_size)):

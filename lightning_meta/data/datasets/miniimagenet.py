@@ -8,6 +8,7 @@ from typing import Union
 
 import torch
 
+from lightning_meta._checks import check_choice
 from lightning_meta.data.datasets.base import CachedImageDataset, _size, decode_image, stack_images
 
 SPLITS = ("train", "val", "test")
@@ -34,8 +35,7 @@ class MiniImageNet(CachedImageDataset):
 
     def __init__(self, root: Union[str, Path], split: str = "train", image_size: int = 84) -> None:
         root = Path(root)
-        if split not in SPLITS:
-            raise ValueError(f"Expected `split` to be one of {SPLITS}, but got {split!r}.")
+        check_choice("split", split, SPLITS)
         table = root / f"{split}.csv"
         if not table.is_file():
             raise ValueError(

@@ -17,6 +17,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from lightning_meta._checks import check_choice
 from lightning_meta.data.datasets.base import CachedImageDataset, _size, decode_image, stack_images
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
@@ -79,8 +80,8 @@ class Omniglot(CachedImageDataset):
         bad_rot = [r for r in rotations if r not in (0, 90, 180, 270)]
         if bad_rot or not rotations:
             raise ValueError(f"Expected `rotations` to be a non-empty subset of (0, 90, 180, 270), but got {rotations}.")
-        if split is not None and split not in SPLITS:
-            raise ValueError(f"Expected `split` to be one of {SPLITS} or None, but got {split!r}.")
+        if split is not None:
+            check_choice("split", split, SPLITS)
         if len(split_fractions) != 3 or min(split_fractions) < 0 or abs(sum(split_fractions) - 1) > 1e-6:
             raise ValueError(f"Expected `split_fractions` to be three non-negative shares summing to 1, got "
                              f"{tuple(split_fractions)}.")
