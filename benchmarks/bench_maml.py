@@ -3,8 +3,9 @@
 Cases (second order, 1 inner step, Adam outer step; the median of timed steps after a warm-up, the contenders taking
 turns in blocks of steps on the same episodes):
   sinusoid  MLP 40-40, meta-batch 25, K=10 (ours: vmap over tasks, and the functional loop)
-  omniglot  Conv4, 5-way 1-shot 15-query 28x28, meta-batch 32 (ours: the functional loop that `auto` picks for convs),
-            with achieved GFLOP/s (torch.utils.flop_counter) beside this machine's float32 matmul GFLOP/s
+  omniglot  Conv4, 5-way 1-shot 15-query 28x28, meta-batch 32 (ours: the functional loop that `auto` picks for convs,
+            with batch_norm="support", the default, and "transductive", learn2learn's semantics), with achieved
+            GFLOP/s (torch.utils.flop_counter) beside this machine's float32 matmul GFLOP/s
   anil      the same Omniglot setup, ANIL: our body runs once per meta-batch; learn2learn's per task, as in its examples
   memory    peak resident memory added by 3 meta-steps of the Omniglot case, each contender in a fresh process,
             second order and first order
@@ -106,10 +107,15 @@ def contenders(case: str, first_order: bool = False):
                 "lightning-meta (loop)": ours_step(MAML(copy.deepcopy(net), inner_lr=lr, task_parallel="loop")),
                 "learn2learn": l2l_maml_step(copy.deepcopy(net), lr)}
     net, lr = Conv4(out_features=5), 0.4
+    # ours twice: batch_norm="support" (the default: queries normalised with the support's statistics) and
+    # "transductive" (query batch statistics, what learn2learn computes)
     if case == "anil":
         return {"lightning-meta ANIL": ours_step(ANIL(copy.deepcopy(net), inner_lr=lr)),
+                "lightning-meta ANIL transd.": ours_step(ANIL(copy.deepcopy(net), inner_lr=lr, batch_norm="transductive")),
                 "learn2learn ANIL": l2l_anil_step(copy.deepcopy(net), lr)}
     return {"lightning-meta": ours_step(MAML(copy.deepcopy(net), inner_lr=lr, first_order=first_order)),
+            "lightning-meta transd.": ours_step(MAML(copy.deepcopy(net), inner_lr=lr, first_order=first_order,
+                                                     batch_norm="transductive")),
             "learn2learn": l2l_maml_step(copy.deepcopy(net), lr, first_order)}
 
 

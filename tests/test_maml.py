@@ -59,14 +59,16 @@ def test_second_order_differs_from_first_order():
     assert max((a - b).abs().max().item() for a, b in zip(second, first)) > 1e-4
 
 
-def test_conv_backbone_with_batch_norm_matches_the_reference_with_per_task_batch_statistics():
+def test_transductive_batch_norm_matches_the_reference_with_per_task_batch_statistics():
+    # the MAML paper's batch norm: every forward pass (support, queries) with its own batch statistics (the default,
+    # queries with the support's statistics, is checked against its own reference in test_engines.py)
     torch.manual_seed(0)
     net = Conv4(hidden=4, out_features=3)
     ep = Episode(torch.randn(2, 6, 1, 28, 28), torch.arange(3).repeat(2, 2), torch.randn(2, 9, 1, 28, 28),
                  torch.arange(3).repeat(2, 3))
     ref_net = copy.deepcopy(net).train()  # running stats on, train mode: BN normalises with batch statistics
     reference = reference_meta_grads(ref_net, ep, 0.4, 1, False)
-    model = MAML(net, inner_lr=0.4, inner_steps=1)
+    model = MAML(net, inner_lr=0.4, inner_steps=1, batch_norm="transductive")
     assert all(m.running_mean is None for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert_grads_close(our_meta_grads(model, ep), reference)
 

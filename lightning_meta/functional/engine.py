@@ -113,19 +113,31 @@ def batch_norms(module: nn.Module) -> list[nn.Module]:
 BATCH_NORM = ("support", "transductive")
 
 
-def _support_normalised(support: int):
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        x = args[0]  # [S + M, C, ...]: this task's support rows first
+class _SupportNormalised:
+    """Hooks that make a batch norm normalise with the statistics of the first ``support`` rows of its input. The
+    pre-hook keeps the input and hands batch norm two rows only (its own output is replaced, so it should not spend
+    a full pass); the forward hook computes the output from the kept input."""
+
+    def __init__(self, support: int) -> None:
+        self.support = support
+        self.kept: list[Tensor] = []
+
+    def before(self, module: nn.Module, args: tuple) -> tuple:
+        self.kept.append(args[0])
+        return (args[0][:2],) + tuple(args[1:])
+
+    def after(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        x = self.kept.pop()  # [S + M, C, ...]: this task's support rows first
         dims = [0, *range(2, x.dim())]
-        mean = x[:support].mean(dims, keepdim=True)
-        var = x[:support].var(dims, unbiased=False, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + module.eps)
+        var, mean = torch.var_mean(x[: self.support], dims, unbiased=False, keepdim=True)  # [1, C, 1, ...]
+        scale = torch.rsqrt(var + module.eps)  # normalising is one affine map per channel: x * scale + shift
         if module.weight is not None:
             shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * module.weight.view(shape) + module.bias.view(shape)
-        return y.to(output.dtype)
-
-    return hook
+            scale = scale * module.weight.view(shape)
+            shift = module.bias.view(shape) - mean * scale
+        else:
+            shift = -mean * scale
+        return torch.addcmul(shift, x, scale).to(output.dtype)  # one pass over the activations
 
 
 @contextlib.contextmanager
@@ -134,7 +146,8 @@ def support_statistics(norms: Sequence[nn.Module], support: int) -> Iterator[Non
     support set with the statistics of those rows alone (biased variance, as batch norm normalises a batch), so each
     of the other rows (queries) is normalised independently of the others: its output is the same alone or in any
     batch. Works inside ``vmap`` (each task's rows) and with ``functional_call`` (the adapted affine weights)."""
-    handles = [m.register_forward_hook(_support_normalised(support)) for m in norms]
+    hooks = _SupportNormalised(support)
+    handles = [h for m in norms for h in (m.register_forward_pre_hook(hooks.before), m.register_forward_hook(hooks.after))]
     try:
         yield
     finally:

@@ -14,6 +14,7 @@ from lightning_meta.functional.batched import BatchedGrads
 from lightning_meta.functional.episode import per_task_loss, target_ndim
 
 Params = dict[str, Tensor]
+Forward = Callable[[Params, Tensor], Tensor]  # (params, inputs) -> outputs
 ENGINES = ("func", "autograd")
 LearningRates = Callable[[int], dict[str, Union[Tensor, float]]]
 
@@ -92,17 +93,9 @@ def _sgd_step(p: Tensor, rate: Union[Tensor, float], grad: Tensor) -> Tensor:
     return out if out.dtype == p.dtype else out.to(p.dtype)
 
 
-def inner_adapt(
-    forward: Callable[[Params, Tensor], Tensor],
-    params: Params,
-    support_x: Tensor,
-    support_y: Tensor,
-    steps: int,
-    learning_rates: LearningRates,
-    first_order: bool = False,
-    loss_scale: float = 1.0,
-    engine: str = "func",
-) -> tuple[list[Params], Tensor, Tensor]:
+def inner_adapt(forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
+                learning_rates: LearningRates, first_order: bool = False, loss_scale: float = 1.0,
+                engine: str = "func") -> tuple[list[Params], Tensor, Tensor]:
     """Adapt ``params`` to one task by ``steps`` gradient steps on its support set (Finn et al. 2017, eq. 1).
 
     ``theta_{i+1} = theta_i - alpha_i * grad L_support(theta_i)``. The result is differentiable with respect to the
@@ -144,17 +137,9 @@ def inner_adapt(
     return trajectory, losses[0], _finite_steps(batched, losses)[0]
 
 
-def inner_adapt_batched(
-    forward: Callable[[Params, Tensor], Tensor],
-    params: Params,
-    support_x: Tensor,
-    support_y: Tensor,
-    steps: int,
-    learning_rates: LearningRates,
-    first_order: bool = False,
-    loss_scale: float = 1.0,
-    support_grads: Optional[BatchedGrads] = None,
-) -> tuple[list[Params], Tensor, Tensor]:
+def inner_adapt_batched(forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
+                        learning_rates: LearningRates, first_order: bool = False, loss_scale: float = 1.0,
+                        support_grads: Optional[BatchedGrads] = None) -> tuple[list[Params], Tensor, Tensor]:
     """:func:`inner_adapt` for a whole meta-batch at once, with one autograd call per inner step for all tasks.
 
     ``params`` hold one copy per task, stacked on dim 0 (``p.expand(B, *p.shape)`` of the shared initialization);

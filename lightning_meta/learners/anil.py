@@ -62,9 +62,9 @@ class ANIL(MAML):
             return torch.func.vmap(body, randomness="different")(x) if use_vmap else torch.stack([body(t) for t in x])
 
         with norms_in_float32(self.body_norms):
-            support = run(support_x)
             if self.batch_norm == "transductive" or not self.body_norms:
-                return support, run(query_x)
-            s = support_x.shape[1]
+                return run(support_x), run(query_x)
+            s = support_x.shape[1]  # one pass: the support rows are normalised by their own statistics anyway
             with support_statistics(self.body_norms, s):
-                return support, run(torch.cat([support_x, query_x], 1))[:, s:]
+                both = run(torch.cat([support_x, query_x], 1))
+            return both[:, :s], both[:, s:]

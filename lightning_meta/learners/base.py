@@ -100,6 +100,7 @@ class MetaLearner(L.LightningModule):
         self.diverged = nn.ModuleDict({f"{stage}_diverged": EpisodeCount() for stage in STAGES})
         self._regression: Optional[bool] = None
         self._pending_rng: Optional[dict] = None
+        self._drop_gradients = False  # set by a step skipped under DDP, for on_after_backward
 
     # ------------------------------------------------------------------ what subclasses implement
     def forward_episode(self, batch: Episode) -> Tensor:
@@ -190,7 +191,7 @@ class MetaLearner(L.LightningModule):
 
     @override
     def on_after_backward(self) -> None:
-        if getattr(self, "_drop_gradients", False):
+        if self._drop_gradients:
             self._drop_gradients = False
             scaler = trainer_view.gradient_scaler(self._trainer)
             for p in self.parameters():

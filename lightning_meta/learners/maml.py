@@ -56,8 +56,8 @@ class MAML(MetaLearner):
         batch_norm: how batch norm normalises the queries. ``"support"`` (the default): with the statistics of the
             task's (adapted) support set, so a query's prediction is the same alone or in any batch: what a deployed
             ``adapt(support)(query)`` gives one image at a time, and an evaluation that uses no information a real
-            query lacks (Bronskill et al. 2020 show the transductive figure overstates). ``"transductive"``: with the
-            query batch's own statistics, as the MAML paper's code did: for reproducing published numbers.
+            query lacks (Bronskill et al. 2020, "TaskNorm"). ``"transductive"``: with the query batch's own
+            statistics, as the MAML paper's code did: for reproducing published numbers (the README measures both).
         **kwargs: optimizer, scheduler and ``nonfinite`` options of :class:`MetaLearner`.
 
     Example:
@@ -284,16 +284,3 @@ class MAML(MetaLearner):
                 return like_targets(out, sy[:1].expand(x.shape[0], *sy.shape[1:]))
 
         return TaskPredictor(predict, n_way)
-
-
-class MetaSGD(MAML):
-    """Meta-SGD (Li et al. 2017): learns a step size for every parameter element, initialised to ``inner_lr``.
-
-    Example:
-        >>> from lightning_meta.models import MLP
-        >>> m = MetaSGD(MLP(1, (4,), 1), inner_lr=0.1)
-        >>> sorted(m.inner_lrs.keys()), m.inner_lrs["features__1__weight"].shape
-        (['features__1__bias', 'features__1__weight', 'head__bias', 'head__weight'], torch.Size([4, 1]))
-    """
-
-    meta_sgd = True
