@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.data.episode import Episode  # noqa: F401  (doctest namespace)
 from lightning_meta.functional.engine import batch_norms, norms_in_float32, support_statistics
 from lightning_meta.learners.maml import MAML
 
@@ -15,13 +14,14 @@ class ANIL(MAML):
     the inner loop.
 
     The backbone needs ``forward_features(x)`` and a ``head`` module (as ``Conv4``, ``MLP`` and ``ResNet12`` with
-    ``out_features`` have). The body embeds each task's support set, and then its query set, as separate batches
-    (batch norm statistics per task and per set, as MAML's own forward passes have them, and exactly as :meth:`adapt`
-    runs them, so evaluation measures what deployment gets; all tasks in one ``vmap`` call on a GPU, see
-    :meth:`encode`); only ``head`` is adapted, by ``vmap`` over the tasks, and the body's backward runs once for the
-    meta-batch (so ANIL does not stream).
+    ``out_features`` have). The body embeds each task's support set and queries, with batch norm as ``batch_norm``
+    says (the queries normalised with the support's statistics, or their own), exactly as :meth:`adapt` runs it, so
+    evaluation measures what deployment gets (all tasks in one ``vmap`` call on a GPU, see :meth:`encode`); only
+    ``head`` is adapted, by ``vmap`` over the tasks, and the body's backward runs once for the meta-batch (so ANIL
+    does not stream).
 
     Example:
+        >>> from lightning_meta import Episode
         >>> from lightning_meta.models import MLP
         >>> anil = ANIL(MLP(8, (16,), 3), inner_lr=0.5, inner_steps=2)
         >>> ep = Episode(torch.randn(2, 6, 8), torch.arange(3).repeat(2, 2), torch.randn(2, 3, 8), torch.arange(3).repeat(2, 1))

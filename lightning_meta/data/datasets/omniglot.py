@@ -31,6 +31,36 @@ CHECKSUMS = {
 SPLITS = ("train", "val", "test")
 
 
+def download(root: Union[str, Path], subset: str, url: str = OFFICIAL_URL) -> Path:
+    """Fetch ``subset``'s zip into ``root`` (skipped when present) and verify its md5. It is written to a temporary
+    file in ``root`` and renamed only when whole and verified, so an interrupted download (or a second process
+    downloading at once) never leaves a partial zip under the real name; the temporary file is removed on any
+    failure, an interruption included."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{subset}.zip"
+    if target.exists():
+        return target
+    source = url.rstrip("/") + f"/{subset}.zip"
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{subset}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(source, timeout=60) as response:
+                    shutil.copyfileobj(response, out)
+            except OSError as err:
+                raise RuntimeError(f"Could not download Omniglot from {source}: {err}.") from err
+        digest = _md5(Path(tmp))
+        if digest != CHECKSUMS[subset]:
+            raise RuntimeError(
+                f"The download of {source} is corrupt (md5 {digest}, expected {CHECKSUMS[subset]}); try again."
+            )
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
 class Omniglot(CachedImageDataset):
     """Omniglot characters as classes, decoded once into memory (strokes bright on black, ``[1, S, S]`` in [0, 1]).
 
@@ -90,6 +120,8 @@ class Omniglot(CachedImageDataset):
                             split_seed=split_seed, url=url if download else None)
         if not download:
             self.setup()
+
+    download = staticmethod(download)
 
     def prepare_data(self) -> None:
         """Download the missing zips (``download=True``); called once, on one process, by the data module."""
@@ -153,39 +185,6 @@ def _read(archives: contextlib.ExitStack, root: Path, subsets: Sequence[str], al
         all_labels.append(base_labels * len(rotations) + r_index)
     class_names = [f"{key}/rot{degrees}" for key in keys for degrees in rotations]
     return torch.cat(rotated), torch.cat(all_labels), class_names, files * len(rotations)
-
-
-def download(root: Union[str, Path], subset: str, url: str = OFFICIAL_URL) -> Path:
-    """Fetch ``subset``'s zip into ``root`` (skipped when present) and verify its md5. It is written to a temporary
-    file in ``root`` and renamed only when whole and verified, so an interrupted download (or a second process
-    downloading at once) never leaves a partial zip under the real name; the temporary file is removed on any
-    failure, an interruption included."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{subset}.zip"
-    if target.exists():
-        return target
-    source = url.rstrip("/") + f"/{subset}.zip"
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{subset}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(source, timeout=60) as response:
-                    shutil.copyfileobj(response, out)
-            except OSError as err:
-                raise RuntimeError(f"Could not download Omniglot from {source}: {err}.") from err
-        digest = _md5(Path(tmp))
-        if digest != CHECKSUMS[subset]:
-            raise RuntimeError(
-                f"The download of {source} is corrupt (md5 {digest}, expected {CHECKSUMS[subset]}); try again."
-            )
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
-
-
-Omniglot.download = staticmethod(download)  # type: ignore[attr-defined]
 
 
 def _md5(path: Path) -> str:
