@@ -188,8 +188,6 @@ class EpisodicDataModule(L.LightningDataModule):
                 (self.n_way, self.n_shot, self.n_query)
             )  # fmt: skip
             self._check_source(name, source, way)
-            if callable(getattr(source, "setup", None)):  # e.g. Omniglot(download=True): read what prepare_data fetched
-                source.setup()
             self.samplers[name] = make_sampler(source, way, shot, query, self.seed, f"{name} dataset ({_name(source)})")
             if name != "train":
                 self._check_eval_batches(name)
