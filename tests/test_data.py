@@ -422,8 +422,36 @@ def test_random_shift_translates_each_image_by_at_most_the_bound_and_is_seeded()
         RandomShift(-1)
 
 
-def test_train_transform_augments_training_episodes_reproducibly_and_never_evaluation():
-    from lightning_meta.data import RandomShift
+def test_random_affine_distorts_each_image_within_its_bounds_and_is_seeded():
+    from lightning_meta.data import RandomAffine
+
+    x = torch.zeros(2, 40, 1, 28, 28)
+    x[..., 10:18, 12:16] = 1.0  # a bar in the middle of every image
+    out = RandomAffine(degrees=15, translate=0.1, scale=0.1, shear=10)(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1 + 1e-6
+    flat = out.flatten(0, 2)
+    assert len({tuple(img.flatten().round(decimals=3).tolist()) for img in flat}) == 80  # each image its own draw
+    mass = flat.sum((1, 2))
+    assert ((mass / 32 - 1).abs() < 0.35).all()  # scale within 0.9..1.1: the bar's area changes by at most ~21%
+    cy = (flat.sum(2) * torch.arange(28.0)).sum(1) / mass  # the bar's centre moves by at most ~3 px (+ rotation)
+    assert ((cy - 13.5).abs() < 5).all() and (cy - 13.5).abs().max() > 0.5
+    assert torch.equal(out, RandomAffine(degrees=15, translate=0.1, scale=0.1, shear=10)(
+        x, torch.Generator().manual_seed(0)))
+    identity = RandomAffine(degrees=0, translate=0, scale=0, shear=0)(x, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(identity, x, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"RandomAffine needs images \[..., C, H, W\]"):
+        RandomAffine()(torch.zeros(4, 10), torch.Generator())
+    with pytest.raises(ValueError, match=r"Expected `degrees` to be a number >= 0, but got -5"):
+        RandomAffine(degrees=-5)
+    with pytest.raises(ValueError, match=r"Expected `scale` to be below 1"):
+        RandomAffine(scale=1.5)
+
+
+@pytest.mark.parametrize("transform", ["shift", "affine"])
+def test_train_transform_augments_training_episodes_reproducibly_and_never_evaluation(transform):
+    from lightning_meta.data import RandomAffine, RandomShift
+
+    make = (lambda: RandomShift(3)) if transform == "shift" else (lambda: RandomAffine())  # noqa: E731
 
     def data(transform, workers=0):
         dm = EpisodicDataModule(train=SyntheticGlyphs("train", num_classes=10, samples_per_class=4),
@@ -434,8 +462,8 @@ def test_train_transform_augments_training_episodes_reproducibly_and_never_evalu
         return [b for b in dm.train_dataloader()], [b for b in dm.val_dataloader()]
 
     plain_train, plain_val = data(None)
-    train, val = data(RandomShift(3))
-    again, _ = data(RandomShift(3), workers=2)
+    train, val = data(make())
+    again, _ = data(make(), workers=2)
     for p, a, b in zip(plain_train, train, again):
         assert torch.equal(p.support_y, a.support_y) and not torch.equal(p.support_x, a.support_x)  # same episodes, shifted
         assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)  # pure function of position

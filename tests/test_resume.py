@@ -46,3 +46,29 @@ def test_a_run_resumed_from_an_end_of_epoch_checkpoint_continues_with_the_next_e
     resumed_model, rest = fit(tmp_path / "resumed", ckpt_path=tmp_path / "cut" / "last.ckpt")
     assert first + rest == full
     assert all(torch.equal(a, b) for a, b in zip(full_model.parameters(), resumed_model.parameters()))
+
+
+def test_a_resumed_run_with_image_augmentation_matches_an_uninterrupted_run(tmp_path):
+    # the augmentation of each training episode is a pure function of (seed, epoch, position): resuming mid-epoch
+    # draws the same distortions as the uninterrupted run, so the weights end bit-identical
+    from lightning_meta.data import RandomAffine, TensorClassDataset
+    from lightning_meta.models import Conv4
+
+    g = torch.Generator().manual_seed(0)
+    images = TensorClassDataset(torch.rand(72, 1, 16, 16, generator=g), torch.arange(12).repeat_interleave(6))
+
+    def run(directory, ckpt_path=None, max_steps=-1):
+        L.seed_everything(0, verbose=False)
+        model = ProtoNet(Conv4(hidden=8, image_size=16), lr=1e-2)
+        saver = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_last=True, save_top_k=0)
+        trainer = L.Trainer(max_epochs=2, max_steps=max_steps, callbacks=[saver], logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0)
+        dm = blob_data(train=images, val=None, test=None, meta_batch_size=2, train_episodes=8,
+                       train_transform=RandomAffine(degrees=20, translate=0.1))
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return model
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "cut", max_steps=5)  # stops after step 1 of epoch 1
+    resumed = run(tmp_path / "resumed", ckpt_path=tmp_path / "cut" / "last.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))

@@ -11,7 +11,8 @@ from lightning_meta.data.datasets import (
 from lightning_meta.data.episode import Episode
 from lightning_meta.data.interop import learn2learn_tasksets
 from lightning_meta.data.tasks import TaskDistribution
-from lightning_meta.data.transforms import RandomShift
+from lightning_meta.data.transforms import RandomAffine, RandomShift
 
 __all__ = ["CachedImageDataset", "ClassFolder", "Episode", "EpisodicDataModule", "MiniImageNet", "Omniglot",
-           "RandomShift", "Sinusoid", "SyntheticGlyphs", "TaskDistribution", "TensorClassDataset", "learn2learn_tasksets"]
+           "RandomAffine", "RandomShift", "Sinusoid", "SyntheticGlyphs", "TaskDistribution", "TensorClassDataset",
+           "learn2learn_tasksets"]
