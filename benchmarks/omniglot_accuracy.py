@@ -23,7 +23,7 @@ import lightning as L
 import torch
 
 from lightning_meta import ANIL, MAML, AttentionLearner, EpisodicDataModule, ProtoNet
-from lightning_meta.data import Omniglot, RandomShift
+from lightning_meta.data import Omniglot, RandomAffine, RandomShift
 from lightning_meta.models import Conv4
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -33,6 +33,14 @@ UNSEEN = ["Japanese_(katakana)", "Sanskrit", "Tagalog"]
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def augmentation(args):
+    """The training transform the flags ask for (RandomShift, RandomAffine, or the one then the other)."""
+    chosen = ([RandomShift(args.shift)] if args.shift else []) + ([RandomAffine()] if args.affine else [])
+    if len(chosen) < 2:
+        return chosen[0] if chosen else None
+    return lambda x, g: chosen[1](chosen[0](x, g), g)
 
 
 def main() -> None:
@@ -52,6 +60,8 @@ def main() -> None:
     p.add_argument("--train-query", type=int, default=None, help="queries per class in training")
     p.add_argument("--meta-batch", type=int, default=None, help="episodes per meta-step")
     p.add_argument("--shift", type=int, default=0, help="augment training images: RandomShift(max_shift=SHIFT)")
+    p.add_argument("--affine", action="store_true",
+                   help="augment training images with RandomAffine() (rotation, translation, scale, shear)")
     args = p.parse_args()
     L.seed_everything(0, verbose=False)
     rot = (0, 90, 180, 270)
@@ -75,7 +85,7 @@ def main() -> None:
         model.hparams.lr_scheduler = "cosine"
     dm = EpisodicDataModule(train, val, None, n_way=5, n_shot=1, n_query=15, train_way=way, train_shot=shot,
                             train_query=query, meta_batch_size=batch, train_episodes=200 * batch, val_episodes=100,
-                            seed=0, train_transform=RandomShift(args.shift) if args.shift else None)
+                            seed=0, train_transform=augmentation(args))
     budget = {"max_steps": args.steps} if args.steps else {"max_time": {"minutes": args.minutes}}
     trainer = L.Trainer(**budget, max_epochs=10_000, logger=False, accelerator=args.accelerator,
                         precision=args.precision,
@@ -86,7 +96,8 @@ def main() -> None:
     print(f"{args.learner}: trained {trainer.global_step} meta-steps ({trainer.current_epoch} epochs) in "
           f"{wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min on {torch.get_num_threads()} threads "
           f"({args.accelerator}, {args.precision}; {way}-way 1-shot {query}-query, meta-batch {batch}, "
-          f"shift {args.shift}" + (f", batch_norm={args.batch_norm}" if hasattr(model, "batch_norm") else "") + ")")
+          f"shift {args.shift}, affine {args.affine}"
+          + (f", batch_norm={args.batch_norm}" if hasattr(model, "batch_norm") else "") + ")")
     maml_family = hasattr(model, "batch_norm")
     modes = (args.batch_norm, "transductive" if args.batch_norm == "support" else "support") if maml_family else (None,)
     for mode in modes:
