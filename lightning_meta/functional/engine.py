@@ -98,7 +98,13 @@ def norms_in_float32(norms: Sequence[nn.Module]) -> Iterator[None]:
     if not norms or not autocast_enabled():
         yield
         return
-    handles = [m.register_forward_pre_hook(_input_in_weight_dtype) for m in norms]
+    with _removed_after([m.register_forward_pre_hook(_input_in_weight_dtype) for m in norms]):
+        yield
+
+
+@contextlib.contextmanager
+def _removed_after(handles: list) -> Iterator[None]:
+    """The hooks of ``handles`` for the duration only."""
     try:
         yield
     finally:
@@ -147,12 +153,9 @@ def support_statistics(norms: Sequence[nn.Module], support: int) -> Iterator[Non
     of the other rows (queries) is normalised independently of the others: its output is the same alone or in any
     batch. Works inside ``vmap`` (each task's rows) and with ``functional_call`` (the adapted affine weights)."""
     hooks = _SupportNormalised(support)
-    handles = [h for m in norms for h in (m.register_forward_pre_hook(hooks.before), m.register_forward_hook(hooks.after))]
-    try:
+    with _removed_after([h for m in norms for h in (m.register_forward_pre_hook(hooks.before),
+                                                    m.register_forward_hook(hooks.after))]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def predict_queries(forward: Callable, params: Params, support_x: Tensor, query_x: Tensor,

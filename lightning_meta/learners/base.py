@@ -126,9 +126,10 @@ class MetaLearner(L.LightningModule):
         if x.dtype == torch.uint8:
             raise TypeError(f"Expected `{name}` to be float inputs (images in [0, 1]), but got torch.uint8: convert "
                             "them with x.float() / 255.")
-        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), x.dtype)
-        device = next((p.device for p in self.parameters()), x.device)
-        return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if weight is None:
+            return x
+        return x.to(device=weight.device, dtype=weight.dtype if x.is_floating_point() else x.dtype)
 
     def prepare_episode(self, batch: Any) -> Episode:
         """A meta-batch in the form the learners compute on: integer labels of any width as int64 (bool labels are
@@ -138,7 +139,7 @@ class MetaLearner(L.LightningModule):
                 f"Expected an Episode(support_x, support_y, query_x, query_y) meta-batch, but got "
                 f"{type(batch).__name__}. For one task, use `learner.adapt(support_x, support_y)(query_x)`."
             )
-        sx, sy, qx, qy = (torch.as_tensor(t) for t in batch)
+        sx, sy, qx, qy = batch
         return Episode(self.as_inputs(sx, "support_x"), as_targets(sy, "support_y"), self.as_inputs(qx, "query_x"),
                        as_targets(qy, "query_y"))
 
