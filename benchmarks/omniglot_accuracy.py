@@ -10,20 +10,36 @@ each of 5-way 1-shot and 20-way 1-shot, with 95% intervals and the CPU time of t
 
 MAML-family learners train with ``--batch-norm`` (``support``: queries normalised with their task's support
 statistics, the library's default; ``transductive``: with the query batch's own) and are tested in both modes.
+
+Recipes (``examples/configs/recipes/*.yaml``) describe a whole run, a pretraining stage included:
+
+    python benchmarks/omniglot_accuracy.py --recipe examples/configs/recipes/omniglot_protonet.yaml --checkpoint out.ckpt
+    python benchmarks/omniglot_accuracy.py --recipe ... --curve 200     # + 5-way accuracy every 200 steps (untimed)
+
+A recipe is ``stages:``, a list run in order, each with ``model`` (a class path and its ``init_args``, as in a
+LightningCLI config), ``data`` (EpisodicDataModule options; the datasets are this script's honest split) and
+``trainer`` (Trainer options, e.g. ``max_steps``). Every stage after the first starts its backbone from the
+previous stage's checkpoint (``pretrained=``, as a second CLI call would), unless it says ``from_previous: false``.
+The last line printed is the 5-way figure; ``--checkpoint`` saves the trained learner, which
+``LearnerClass.load_from_checkpoint(path)`` restores with nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import resource
+import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 
 from lightning_meta import ANIL, MAML, AttentionLearner, EpisodicDataModule, ProtoNet
 from lightning_meta.data import Omniglot, RandomAffine, RandomShift
+from lightning_meta.functional import episode_accuracy
 from lightning_meta.models import Conv4
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -43,8 +59,130 @@ def augmentation(args):
     return lambda x, g: chosen[1](chosen[0](x, g), g)
 
 
+def instantiate(spec):
+    """Build ``{"class_path": ..., "init_args": {...}}`` specs (nested ones too), as a LightningCLI config does."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        module, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        return cls(**{k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()})
+    if isinstance(spec, dict):
+        return {k: instantiate(v) for k, v in spec.items()}
+    if isinstance(spec, list):
+        return [instantiate(v) for v in spec]
+    return spec
+
+
+class Clock:
+    """Training time (wall and CPU) with the untimed evaluations of ``--curve`` taken out."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = 0.0, 0.0
+        self.started: tuple[float, float] | None = None
+
+    def start(self) -> None:
+        self.started = (time.perf_counter(), cpu_seconds())
+
+    def stop(self) -> None:
+        wall, cpu = self.started
+        self.wall, self.cpu = self.wall + time.perf_counter() - wall, self.cpu + cpu_seconds() - cpu
+        self.started = None
+
+
+class Curve(L.Callback):
+    """Every ``every`` training steps: stop the clock, test 5-way 1-shot on ``episodes`` unseen-alphabet episodes,
+    print the point, restart the clock."""
+
+    def __init__(self, clock: Clock, every: int, test, episodes: int, stage: str) -> None:
+        self.clock, self.every, self.stage = clock, every, stage
+        self.dm = EpisodicDataModule(None, None, test, n_way=5, n_shot=1, n_query=15, eval_meta_batch_size=10,
+                                     test_episodes=episodes, seed=1)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every:
+            return
+        self.clock.stop()
+        hits = []
+        with module.evaluating():  # (the MAML family adapts with gradients inside)
+            for ep in self.dm.test_dataloader():
+                hits.append(episode_accuracy(module(ep.to(module.device)).detach(), ep.query_y.to(module.device)))
+        acc = torch.cat(hits)
+        print(f"curve: {self.stage} step {trainer.global_step}, {self.clock.wall / 60:.2f} train wall-min, "
+              f"{self.clock.cpu / 60:.2f} CPU-min: 5-way {100 * acc.mean():.2f}% +- "
+              f"{100 * 1.96 * acc.std() / len(acc) ** 0.5:.2f}% ({len(acc)} episodes)", flush=True)
+        self.clock.start()
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     **kwargs)
+
+
+def run_recipe(args, train, val, test, clock: Clock):
+    """Train every stage of the recipe in order; returns the last stage's learner and trainer."""
+    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    stages = recipe.get("stages") if isinstance(recipe, dict) else None
+    if not stages:
+        raise SystemExit(f"{args.recipe}: a recipe needs `stages:`, a list of {{model, data, trainer}} (see --help)")
+    previous, workdir = None, Path(tempfile.mkdtemp(prefix="recipe-"))
+    for i, stage in enumerate(stages):
+        model_spec = stage["model"]
+        if previous is not None and stage.get("from_previous", True):
+            backbone = model_spec["init_args"]["backbone"]
+            backbone.setdefault("init_args", {})["pretrained"] = str(previous)
+        model = instantiate(model_spec)
+        data = {"n_way": 5, "n_shot": 1, "n_query": 15, "val_episodes": 100, "seed": 0, **instantiate(stage.get("data", {}))}
+        dm = EpisodicDataModule(train, val, None, **data)
+        options = {"num_sanity_val_steps": 0, "limit_val_batches": 0, "max_epochs": 10_000,
+                   "accelerator": args.accelerator, "precision": args.precision, **stage.get("trainer", {})}
+        if args.limit_steps:
+            options["max_steps"] = min(options.get("max_steps", args.limit_steps), args.limit_steps)
+        name = stage.get("name", f"stage {i + 1}")
+        callbacks = [Curve(clock, args.curve, test, args.curve_episodes, name)] if args.curve else []
+        trainer = quiet_trainer(callbacks=callbacks, **options)
+        clock.start()
+        trainer.fit(model, dm)
+        clock.stop()
+        print(f"{name}: {type(model).__name__}, {trainer.global_step} steps ({trainer.current_epoch} epochs), "
+              f"{clock.wall / 60:.1f} wall-min / {clock.cpu / 60:.1f} CPU-min so far", flush=True)
+        previous = workdir / f"stage{i}.ckpt"
+        trainer.save_checkpoint(previous)
+    return model, trainer
+
+
+def evaluate(model, train, test, args) -> None:
+    """5-way and 20-way 1-shot (MAML family: 5-way, in both batch-norm modes) on the unseen alphabets; the 5-way
+    figure of the mode it was trained in last."""
+    maml_family = hasattr(model, "batch_norm")
+    trained = getattr(model, "batch_norm", None)
+    modes = (trained, "transductive" if trained == "support" else "support") if maml_family else (None,)
+    lines = []
+    for mode in modes:
+        if mode is not None:
+            model.batch_norm = mode
+        for n_way in (5,) if maml_family else (5, 20):
+            tdm = EpisodicDataModule(train, None, test, n_way=n_way, n_shot=1, n_query=15, meta_batch_size=1,
+                                     eval_meta_batch_size=4, test_episodes=args.test_episodes, seed=0)
+            res = quiet_trainer(accelerator=args.accelerator, precision=args.precision).test(model, tdm, verbose=False)[0]
+            tested = f", tested with batch_norm={mode}" if mode else ""
+            lines.append((n_way, mode, f"  {n_way}-way 1-shot on {args.test_episodes} episodes of unseen alphabets"
+                                       f"{tested}: {100 * res['test/acc']:.2f}% +- {100 * res['test/acc_ci95']:.2f}%"))
+    if trained is not None:
+        model.batch_norm = trained
+    first = lines[0]
+    for line in lines[1:] + [first]:  # the last line: 5-way, as trained
+        print(line[2])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=None, help="a recipe file (examples/configs/recipes/): replaces the flags below "
+                   "that choose the learner, its data and its budget")
+    p.add_argument("--checkpoint", default=None, help="save the trained learner here (load_from_checkpoint restores it)")
+    p.add_argument("--curve", type=int, default=0, metavar="STEPS",
+                   help="print 5-way accuracy every STEPS training steps of each stage (not counted in the time)")
+    p.add_argument("--curve-episodes", type=int, default=200, help="episodes of each --curve point")
+    p.add_argument("--limit-steps", type=int, default=None,
+                   help="cap every stage at this many steps (to check that a recipe runs; its figures mean nothing)")
     p.add_argument("--learner", choices=["protonet", "attention", "maml", "anil"], default="protonet")
     p.add_argument("--batch-norm", choices=["support", "transductive"], default="support",
                    help="MAML family: how batch norm normalises the queries in training (both are tested)")
@@ -68,6 +206,22 @@ def main() -> None:
     train = Omniglot(args.root, ["images_background_small1"], rotations=rot, split="train", split_fractions=(0.9, 0.1, 0))
     val = Omniglot(args.root, ["images_background_small1"], split="val", split_fractions=(0.9, 0.1, 0))
     test = Omniglot(args.root, ["images_background_small2"], alphabets=UNSEEN)
+    clock = Clock()
+    if args.recipe:
+        model, trainer = run_recipe(args, train, val, test, clock)
+        described = f"recipe {args.recipe}"
+    else:
+        model, trainer, described = run_flags(args, train, val, test, clock)
+    print(f"{type(model).__name__}: trained in {clock.wall / 60:.1f} min wall, {clock.cpu / 60:.1f} CPU-min on "
+          f"{torch.get_num_threads()} threads ({args.accelerator}, {args.precision}; {described})", flush=True)
+    if args.checkpoint:
+        trainer.save_checkpoint(args.checkpoint)
+        print(f"saved {args.checkpoint}: {type(model).__name__}.load_from_checkpoint({args.checkpoint!r})")
+    evaluate(model, train, test, args)
+
+
+def run_flags(args, train, val, test, clock: Clock):
+    """The learner, data and budget the flags describe (the README's earlier figures)."""
     if args.learner == "protonet":
         model, way, shot, query, batch = ProtoNet(Conv4(), lr=1e-3), 60, 1, 5, 1
     elif args.learner == "attention":
@@ -87,30 +241,16 @@ def main() -> None:
                             train_query=query, meta_batch_size=batch, train_episodes=200 * batch, val_episodes=100,
                             seed=0, train_transform=augmentation(args))
     budget = {"max_steps": args.steps} if args.steps else {"max_time": {"minutes": args.minutes}}
-    trainer = L.Trainer(**budget, max_epochs=10_000, logger=False, accelerator=args.accelerator,
-                        precision=args.precision,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    wall, cpu = time.perf_counter(), cpu_seconds()
+    callbacks = [Curve(clock, args.curve, test, args.curve_episodes, args.learner)] if args.curve else []
+    trainer = quiet_trainer(**budget, max_epochs=10_000, accelerator=args.accelerator, precision=args.precision,
+                            callbacks=callbacks)
+    clock.start()
     trainer.fit(model, dm)
-    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    print(f"{args.learner}: trained {trainer.global_step} meta-steps ({trainer.current_epoch} epochs) in "
-          f"{wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min on {torch.get_num_threads()} threads "
-          f"({args.accelerator}, {args.precision}; {way}-way 1-shot {query}-query, meta-batch {batch}, "
-          f"shift {args.shift}, affine {args.affine}"
-          + (f", batch_norm={args.batch_norm}" if hasattr(model, "batch_norm") else "") + ")")
-    maml_family = hasattr(model, "batch_norm")
-    modes = (args.batch_norm, "transductive" if args.batch_norm == "support" else "support") if maml_family else (None,)
-    for mode in modes:
-        if mode is not None:
-            model.batch_norm = mode
-        for n_way in (5,) if maml_family else (5, 20):
-            tdm = EpisodicDataModule(train, None, test, n_way=n_way, n_shot=1, n_query=15, meta_batch_size=1,
-                                     eval_meta_batch_size=4, test_episodes=args.test_episodes, seed=0)
-            res = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                            accelerator=args.accelerator, precision=args.precision).test(model, tdm, verbose=False)[0]
-            tested = f", tested with batch_norm={mode}" if mode else ""
-            print(f"  {n_way}-way 1-shot on {args.test_episodes} episodes of unseen alphabets{tested}: "
-                  f"{100 * res['test/acc']:.2f}% +- {100 * res['test/acc_ci95']:.2f}%")
+    clock.stop()
+    described = (f"{trainer.global_step} meta-steps, {trainer.current_epoch} epochs; {way}-way 1-shot {query}-query, "
+                 f"meta-batch {batch}, shift {args.shift}, affine {args.affine}"
+                 + (f", batch_norm={args.batch_norm}" if hasattr(model, "batch_norm") else ""))
+    return model, trainer, described
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ import functools
 import importlib
 import inspect
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Optional
 
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_meta._checks import check_choice
+from lightning_meta.checkpoint import read_checkpoint
 
 
 class Backbone(nn.Module):
@@ -18,6 +21,11 @@ class Backbone(nn.Module):
 
     A backbone remembers the arguments it was built with (``init_args``), so a learner's checkpoint can rebuild it:
     ``Learner.load_from_checkpoint(path)`` needs no backbone argument for these (see :func:`backbone_spec`).
+
+    Every backbone also takes ``pretrained=PATH``: after it is built, its weights are loaded from that checkpoint with
+    :func:`load_pretrained` (a :class:`~lightning_meta.Pretrainer`'s, or any learner's). It is what a config file
+    writes to start episodic training from a pretraining run, e.g. ``Conv4(pretrained="pretrain.ckpt")``; it is not
+    recorded in ``init_args`` (the learner's own checkpoint holds the weights after that).
     """
 
     features: nn.Module
@@ -33,12 +41,19 @@ class Backbone(nn.Module):
         signature = inspect.signature(init)
 
         @functools.wraps(init)
-        def __init__(self, *args: Any, **kw: Any) -> None:
+        def __init__(self, *args: Any, pretrained: Optional[str] = None, **kw: Any) -> None:
             init(self, *args, **kw)  # the outermost constructor finishes last: its arguments are the ones kept
             bound = signature.bind(self, *args, **kw)
             bound.apply_defaults()
             self.init_args = {k: v for k, v in list(bound.arguments.items())[1:]}
+            if pretrained is not None:
+                load_pretrained(self, pretrained)
 
+        # the signature tools read (LightningCLI, jsonargparse): the constructor's own, and `pretrained`
+        extra = inspect.Parameter("pretrained", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[str])
+        params = list(signature.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        __init__.__signature__ = signature.replace(parameters=params[:at] + [extra] + params[at:])  # type: ignore[attr-defined]
         cls.__init__ = __init__  # type: ignore[method-assign]
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -72,6 +87,56 @@ def build_backbone(spec: dict[str, Any]) -> nn.Module:
     module_name, _, name = spec["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), name)
     return cls(**spec["init_args"])
+
+
+def load_pretrained(module: nn.Module, checkpoint: str | Path) -> nn.Module:
+    """Load a backbone's weights from a checkpoint and return the module.
+
+    ``checkpoint`` is a learner's Lightning checkpoint (its ``backbone.*`` tensors are read: a
+    :class:`~lightning_meta.Pretrainer`'s, a ProtoNet's...) or a plain state dict of the module. Tensors the module
+    has and the file lacks (a MAML classifier head over a pretrained body) keep their initialisation; tensors of a
+    different shape are an error naming them (another architecture), as is a file that shares no tensor with the module.
+    What was loaded and what was not is reported in one log line.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "body.pt")
+        >>> torch.save({f"backbone.{k}": v for k, v in MLP(4, (8,)).state_dict().items()}, path)
+        >>> net = MLP(4, (8,), out_features=3, pretrained=path)        # body from the file, head freshly initialised
+        >>> sorted(load_pretrained(MLP(4, (8,)), path).state_dict()) == sorted(MLP(4, (8,)).state_dict())
+        True
+    """
+    saved = read_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    state = saved.get("state_dict", saved) if isinstance(saved, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{checkpoint} holds no state dict: pass a learner's checkpoint or a module's state_dict().")
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    own = module.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} here" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ValueError(
+            f"The pretrained weights in {checkpoint} do not fit this {type(module).__name__}: "
+            + "; ".join(wrong[:4]) + ("..." if len(wrong) > 4 else "")
+            + ". Build the backbone with the same architecture arguments as the pretraining run."
+        )
+    shared = [k for k in own if k in state]
+    if not shared:
+        raise ValueError(
+            f"{checkpoint} shares no tensor with this {type(module).__name__} (the file has e.g. "
+            f"{', '.join(list(state)[:3]) or 'nothing'}; the module {', '.join(list(own)[:3])}): it is not a "
+            "checkpoint of this backbone."
+        )
+    module.load_state_dict({k: state[k] for k in shared}, strict=False)
+    kept = [k for k in own if k not in state]
+    unused = [k for k in state if k not in own]
+    rank_zero_info(
+        f"{type(module).__name__}: loaded {len(shared)} pretrained tensors from {checkpoint}"
+        + (f"; kept the initialisation of {', '.join(kept)}" if kept else "")
+        + (f"; not used from the file: {', '.join(unused)}" if unused else "")
+    )
+    return module
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:

@@ -31,7 +31,7 @@ EXTRA = {  # the DDP config runs on one process here (its 2-process run: example
                         "--data.train_transform.max_shift=2"],
 }
 CONFIG_NAMES = ["protonet_glyphs", "attention_glyphs", "maml_sinusoid", "maml_ddp_glyphs", "maml_wandb_glyphs",
-                "protonet_omniglot"]
+                "protonet_omniglot", "pretrain_omniglot"]
 
 
 def common_args(config, tmp_path):
@@ -43,7 +43,7 @@ def common_args(config, tmp_path):
 
 @pytest.mark.parametrize("config", CONFIG_NAMES)
 def test_every_example_config_fits_resumes_tests_and_loads_from_its_checkpoint(config, tmp_path, monkeypatch):
-    if config == "protonet_omniglot" and not (OMNIGLOT / "images_background_small1.zip").is_file():
+    if config.endswith("_omniglot") and not (OMNIGLOT / "images_background_small1.zip").is_file():
         pytest.skip(f"real Omniglot zips not found in {OMNIGLOT}")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -490,3 +490,23 @@ def test_task_by_task_meta_gradients_take_the_gradient_scalers_scale_under_16_mi
     scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
     model.trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), precision="16-mixed")
     assert model.meta_gradient_scale == 512.0 and model.inner_scale == 1024.0
+
+
+def test_zero_head_starts_every_task_at_zero_so_one_step_is_a_prototype_classifier():
+    # Ye & Chao's zeroing trick: with the head at zero, one inner step of cross-entropy gives
+    # W = lr/S * sum_i (onehot_i - 1/N) z_i^T and b = lr/S * sum_i (onehot_i - 1/N): checked against that formula
+    from lightning_meta.models import MLP
+
+    torch.manual_seed(0)
+    maml = MAML(MLP(4, (8,), out_features=3), inner_lr=0.5, inner_steps=1, zero_head=True)
+    assert not maml.backbone.head.weight.requires_grad and maml.backbone.head.weight.abs().sum() == 0
+    sx, sy = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    qx = torch.randn(5, 4)
+    z_s, z_q = maml.backbone.features(sx), maml.backbone.features(qx)
+    coef = (torch.nn.functional.one_hot(sy, 3).float() - 1 / 3) * 0.5 / 6
+    expected = z_q @ (coef.T @ z_s).T + coef.sum(0)
+    torch.testing.assert_close(maml.adapt(sx, sy)(qx), expected.detach(), atol=1e-6, rtol=1e-5)
+    # the body is meta-trained through that step; the head is not trained
+    episode = Episode(sx[None], sy[None], qx[None], torch.tensor([[0, 1, 2, 0, 1]]))
+    maml.training_step(episode, 0).backward()
+    assert maml.backbone.features[1].weight.grad.abs().sum() > 0 and maml.backbone.head.weight.grad is None

@@ -14,7 +14,8 @@ from typing_extensions import override
 
 from lightning_meta import trainer_view
 from lightning_meta._checks import check_int
-from lightning_meta.data.episode import Episode
+from lightning_meta.data.episode import Episode, LabelledBatch
+from lightning_meta.data.sampler import ClassBatchSampler
 from lightning_meta.data.sources import make_sampler, source_kind
 from lightning_meta.data.tasks import TaskDistribution
 
@@ -56,6 +57,9 @@ class _EpisodeStream(IterableDataset):
             if self.transform is not None:  # its randomness: a pure function of (seed, epoch, first episode)
                 state = np.random.SeedSequence([self.seed, epoch, indices[0], 0x5A17]).generate_state(2)
                 g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+                if isinstance(batch, LabelledBatch):  # pretraining: the batch's images as one task's
+                    yield LabelledBatch(self.transform(batch.x.unsqueeze(0), g).squeeze(0), batch.y)
+                    continue
                 batch = Episode(self.transform(batch.support_x, g), batch.support_y,
                                 self.transform(batch.query_x, g), batch.query_y)
             yield batch
@@ -101,6 +105,12 @@ class EpisodicDataModule(L.LightningDataModule):
         train_transform: augmentation of training inputs, ``(x [B, n, ...], generator) -> x`` (e.g.
             :class:`~lightning_meta.data.RandomShift`), drawn from a generator that is a pure function of (seed, epoch,
             position), so augmented runs are reproducible and resume exactly. Evaluation episodes are never augmented.
+        pretrain_batch_size: for supervised pretraining (:class:`~lightning_meta.Pretrainer`): training yields
+            :class:`~lightning_meta.data.LabelledBatch` es of this many examples of the training dataset with its
+            classes numbered ``0..C-1`` (``pretrain_classes`` is C), each epoch one shuffled pass over the dataset
+            (``train_episodes``, ``train_way``/``shot``/``query`` and ``meta_batch_size`` do not apply to training
+            then). Validation and test stay episodes, ``train_transform`` still applies, and batches are as
+            reproducible, rank-distinct and resumable as episodes.
 
     Under DDP each rank draws distinct episodes: at step ``s`` rank ``r`` takes global episodes
     ``(s*W + r)*B ... (s*W + r + 1)*B - 1``, so the union over ranks is what one process with ``B*W`` draws.
@@ -136,6 +146,7 @@ class EpisodicDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         eval_meta_batch_size: Optional[int] = None,
         train_transform: Optional[Callable] = None,
+        pretrain_batch_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         if train_transform is not None and not callable(train_transform):
@@ -147,7 +158,7 @@ class EpisodicDataModule(L.LightningDataModule):
             ("val_episodes", 1), ("test_episodes", 1), ("seed", 0), ("num_workers", 0),
         ):  # fmt: skip
             check_int(name, locals()[name], minimum)
-        for name in ("train_way", "train_shot", "train_query", "eval_meta_batch_size"):
+        for name in ("train_way", "train_shot", "train_query", "eval_meta_batch_size", "pretrain_batch_size"):
             if locals()[name] is not None:
                 check_int(name, locals()[name], 1)
         if train is None and val is None and test is None:
@@ -158,6 +169,7 @@ class EpisodicDataModule(L.LightningDataModule):
         self.train_shot = train_shot or n_shot
         self.train_query = train_query or n_query
         self.meta_batch_size = meta_batch_size
+        self.pretrain_batch_size = pretrain_batch_size
         self.eval_meta_batch_size = eval_meta_batch_size or meta_batch_size
         self.episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
@@ -188,7 +200,12 @@ class EpisodicDataModule(L.LightningDataModule):
                 (self.n_way, self.n_shot, self.n_query)
             )  # fmt: skip
             self._check_source(name, source, way)
-            self.samplers[name] = make_sampler(source, way, shot, query, self.seed, f"{name} dataset ({_name(source)})")
+            described = f"{name} dataset ({_name(source)})"
+            if name == "train" and self.pretrain_batch_size:
+                self.samplers[name] = ClassBatchSampler(source, self.seed, described)
+                self._check_pretrain_batches()
+                continue
+            self.samplers[name] = make_sampler(source, way, shot, query, self.seed, described)
             if name != "train":
                 self._check_eval_batches(name)
 
@@ -216,17 +233,41 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"`{name}` must be a map-style dataset of (x, label) items or a task distribution with "
                 f"`sample(rng, n_support, n_query)`, but got {type(source).__name__}."
             )
+        if name == "train" and self.pretrain_batch_size:
+            if source_kind(source) != "classes":
+                raise ValueError(
+                    f"`pretrain_batch_size` makes labelled batches of the training dataset's classes, but `train` is a "
+                    f"{source_kind(source)} source ({_name(source)}): pretraining needs a labelled map-style dataset."
+                )
+            return
         if source_kind(source) == "classes" and way < 2:
             arg = "train_way" if name == "train" and self.hparams.train_way else "n_way"
             raise ValueError(
                 f"Expected `{arg}` to be an integer >= 2 for the "
                 f"classification {name} dataset, but got {way}."
             )
-        if name == "train" and self.train_episodes_per_step > self.episodes["train"]:
+        if name == "train" and not self.pretrain_batch_size and self.train_episodes_per_step > self.episodes["train"]:
             raise ValueError(
                 f"`train_episodes`={self.episodes['train']} is smaller than one global meta-batch "
                 f"(meta_batch_size {self.meta_batch_size} x {self._world()[0]} processes): raise `train_episodes`."
             )
+
+    def _check_pretrain_batches(self) -> None:
+        per_step, items = self.train_episodes_per_step, len(self.samplers["train"])
+        if per_step > items:
+            raise ValueError(
+                f"`pretrain_batch_size`={self.pretrain_batch_size} x {self._world()[0]} processes = {per_step} examples "
+                f"a step, but the training dataset has {items}: lower `pretrain_batch_size`."
+            )
+
+    @property
+    def pretrain_classes(self) -> int:
+        """The number of training classes C that pretraining batches label ``0..C-1`` (needs ``pretrain_batch_size``)."""
+        if not self.pretrain_batch_size:
+            raise ValueError("`pretrain_classes` is defined for pretraining batches only: set `pretrain_batch_size`.")
+        if "train" not in self.samplers:
+            self.setup("fit")
+        return self.samplers["train"].num_classes
 
     def _check_disjoint(self, sources: dict) -> None:
         given = [k for k in ("train", "val", "test") if sources[k] is not None]
@@ -256,12 +297,20 @@ class EpisodicDataModule(L.LightningDataModule):
 
     @property
     def train_episodes_per_step(self) -> int:
-        """The global meta-batch: tasks per optimizer step summed over all ranks."""
-        return self.meta_batch_size * self._world()[0]
+        """The global meta-batch: tasks per optimizer step summed over all ranks (examples, when pretraining)."""
+        return (self.pretrain_batch_size or self.meta_batch_size) * self._world()[0]
+
+    def _train_items(self) -> int:
+        """Training episodes per epoch, or examples per epoch when pretraining (one pass over the dataset)."""
+        if not self.pretrain_batch_size:
+            return self.episodes["train"]
+        if "train" not in self.samplers:
+            self.setup("fit")
+        return len(self.samplers["train"])
 
     def steps_per_epoch(self) -> int:
         """Training meta-batches per epoch on each rank (known without iterating any loader)."""
-        return self.episodes["train"] // self.train_episodes_per_step
+        return self._train_items() // self.train_episodes_per_step
 
     def _loader(self, stream: str) -> DataLoader:
         if stream not in self.samplers:
@@ -269,8 +318,8 @@ class EpisodicDataModule(L.LightningDataModule):
         if stream not in self.samplers:
             raise ValueError(f"No {stream} dataset was given to EpisodicDataModule, so there are no {stream} episodes.")
         world, rank = self._world()
-        batch = self.meta_batch_size if stream == "train" else self.eval_meta_batch_size
-        episodes = self.episodes[stream]
+        batch = (self.pretrain_batch_size or self.meta_batch_size) if stream == "train" else self.eval_meta_batch_size
+        episodes = self._train_items() if stream == "train" else self.episodes[stream]
         transform = self.train_transform if stream == "train" else None
         stream_ds = _EpisodeStream(self.samplers[stream], stream, episodes, batch, world, rank, transform, self.seed)
         if stream != "train":  # a plain DataLoader, which Lightning may rebuild (trainer.predict does)
@@ -282,8 +331,9 @@ class EpisodicDataModule(L.LightningDataModule):
         return self._loader("train")
 
     @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+    def val_dataloader(self) -> Union[DataLoader, list]:
+        # no validation set: fit runs without validation (an empty list is Lightning's "no loader")
+        return [] if self.val is None else self._loader("val")
 
     @override
     def test_dataloader(self) -> DataLoader:
@@ -339,7 +389,8 @@ class EpisodicDataModule(L.LightningDataModule):
     def __repr__(self) -> str:
         return (
             f"EpisodicDataModule({self.n_way}-way {self.n_shot}-shot {self.n_query}-query, train "
-            f"{self.train_way}-way {self.train_shot}-shot, meta_batch_size={self.meta_batch_size}, seed={self.seed})"
+            f"{self.train_way}-way {self.train_shot}-shot, meta_batch_size={self.meta_batch_size}, seed={self.seed}"
+            + (f", pretrain_batch_size={self.pretrain_batch_size})" if self.pretrain_batch_size else ")")
         )
 
 

@@ -58,3 +58,22 @@ class Episode(NamedTuple):
     def to(self, *args, **kwargs) -> Episode:
         """Move every field, like :meth:`torch.Tensor.to`."""
         return Episode(*(t.to(*args, **kwargs) for t in self))
+
+
+class LabelledBatch(NamedTuple):
+    """A batch of labelled examples for supervised pretraining (what ``EpisodicDataModule(pretrain_batch_size=...)``
+    yields for training and :class:`~lightning_meta.Pretrainer` trains on): inputs ``x [n, ...]`` and their classes
+    ``y [n]``, numbered ``0..C-1`` over all the training dataset's classes.
+
+    Example:
+        >>> batch = LabelledBatch(torch.zeros(4, 1, 28, 28), torch.tensor([0, 3, 1, 3]))
+        >>> batch.x.shape, batch.y.tolist()
+        (torch.Size([4, 1, 28, 28]), [0, 3, 1, 3])
+    """
+
+    x: Tensor
+    y: Tensor
+
+    def to(self, *args, **kwargs) -> LabelledBatch:
+        """Move both fields, like :meth:`torch.Tensor.to`."""
+        return LabelledBatch(self.x.to(*args, **kwargs), self.y.to(*args, **kwargs))

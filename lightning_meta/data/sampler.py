@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_meta.data.episode import Episode
+from lightning_meta.data.episode import Episode, LabelledBatch
 from lightning_meta.data.streams import episode_rng
 
 
@@ -176,6 +176,47 @@ class ClassEpisodeSampler:
         support_x = x[: b * n_s].view(b, n_s, *x.shape[1:])
         query_x = x[b * n_s :].view(b, -1, *x.shape[1:])
         return Episode(support_x, self._support_y.expand(b, -1), query_x, self._query_y.expand(b, -1))
+
+
+class ClassBatchSampler:
+    """Labelled batches for supervised pretraining: every epoch is one pass over the dataset in a shuffled order that
+    is a pure function of ``(seed, epoch)``, cut into batches by position, so a batch does not depend on the process,
+    worker or rank that draws it, and a run resumes exactly. Labels are renumbered ``0..C-1`` in sorted order of the
+    dataset's own labels (``num_classes`` is C).
+
+    Example:
+        >>> from lightning_meta.data import TensorClassDataset
+        >>> ds = TensorClassDataset(torch.randn(12, 3), torch.tensor([5, 9, 7]).repeat(4))
+        >>> sampler = ClassBatchSampler(ds, seed=0)
+        >>> batch = sampler.batch("train", epoch=0, indices=range(4))
+        >>> sampler.num_classes, len(sampler), batch.x.shape, sorted(set(sampler.labels.tolist()))
+        (3, 12, torch.Size([4, 3]), [0, 1, 2])
+    """
+
+    def __init__(self, dataset, seed: int = 0, name: str = "dataset") -> None:
+        self.dataset, self.seed = dataset, seed
+        labels = labels_of(dataset)
+        check_item_shapes(dataset, labels)
+        classes, self.labels = torch.unique(labels, return_inverse=True)
+        self.num_classes = len(classes)
+        if self.num_classes < 2:
+            raise ValueError(f"Supervised pretraining needs at least 2 classes, but the {name} has {self.num_classes}.")
+        self._order: tuple[int, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def order(self, epoch: int) -> Tensor:
+        """The item order of ``epoch``: a permutation drawn from ``(seed, epoch)`` alone."""
+        if self._order is None or self._order[0] != epoch:
+            rng = episode_rng(self.seed, "train", epoch, 2**63 - 1)  # an index no episode of the stream uses
+            self._order = (epoch, torch.from_numpy(rng.permutation(len(self.labels))))
+        return self._order[1]
+
+    def batch(self, stream: str, epoch: int, indices: Sequence[int]) -> LabelledBatch:
+        """The examples at ``indices`` of the epoch's order, with one gather."""
+        items = self.order(epoch)[torch.as_tensor(list(indices), dtype=torch.long)]
+        return LabelledBatch(gather(self.dataset, items), self.labels[items])
 
 
 class TaskEpisodeSampler:

@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_meta import trainer_view
 from lightning_meta._checks import check_choice, check_positive, surely_finite
 from lightning_meta.checkpoint import CheckedCheckpointIO, read_checkpoint, rng_states, set_rng_states
-from lightning_meta.data.episode import Episode
+from lightning_meta.data.episode import Episode, LabelledBatch
 from lightning_meta.functional.episode import episode_accuracy, per_task_loss, target_ndim
 from lightning_meta.metrics import EpisodeCount, EpisodeMean
 from lightning_meta.models import backbone_spec, build_backbone
@@ -138,6 +138,8 @@ class MetaLearner(L.LightningModule):
             raise TypeError(
                 f"Expected an Episode(support_x, support_y, query_x, query_y) meta-batch, but got "
                 f"{type(batch).__name__}. For one task, use `learner.adapt(support_x, support_y)(query_x)`."
+                + (" Labelled (x, y) batches (EpisodicDataModule(pretrain_batch_size=...)) train a Pretrainer."
+                   if isinstance(batch, LabelledBatch) else "")
             )
         sx, sy, qx, qy = batch
         return Episode(self.as_inputs(sx, "support_x"), as_targets(sy, "support_y"), self.as_inputs(qx, "query_x"),

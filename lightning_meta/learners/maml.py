@@ -58,6 +58,11 @@ class MAML(MetaLearner):
             ``adapt(support)(query)`` gives one image at a time, and an evaluation that uses no information a real
             query lacks (Bronskill et al. 2020, "TaskNorm"). ``"transductive"``: with the query batch's own
             statistics, as the MAML paper's code did: for reproducing published numbers (the README measures both).
+        zero_head: every task's inner loop starts the head (the adapted module's last ``nn.Linear``) at zero instead
+            of a learned initialization (the "zeroing trick" of Ye & Chao 2022, "How to Train Your MAML to Excel in
+            Few-Shot Classification"): no class is favoured before adaptation, and the first inner step makes the head
+            a prototype classifier of the support features, which the body is meta-trained for. The head's
+            parameters are then zeros, not trained; it suits a body pretrained with :class:`Pretrainer`.
         **kwargs: optimizer, scheduler and ``nonfinite`` options of :class:`MetaLearner`.
 
     Example:
@@ -77,7 +82,7 @@ class MAML(MetaLearner):
                  per_step_lr: bool = False, multi_step_loss: bool = False, msl_epochs: int = 10,
                  first_order_epochs: int = 0, task_parallel: str = "auto", task_chunk: Optional[int] = None,
                  stream_meta_gradients: bool = True, inner_loss_scale: Optional[float] = None,
-                 batch_norm: str = "support", **kwargs) -> None:
+                 batch_norm: str = "support", zero_head: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"Expected `backbone` to be an nn.Module, but got {type(backbone).__name__}.")
@@ -98,6 +103,18 @@ class MAML(MetaLearner):
         self.adapted_names = [n for n, p in module.named_parameters() if p.requires_grad]
         if not self.adapted_names:
             raise ValueError("The backbone has no trainable parameters to adapt.")
+        self.zeroed_names: list[str] = []
+        if zero_head:
+            heads = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+            if not heads:
+                raise ValueError(f"zero_head=True starts the head (the last nn.Linear) at zero, but the adapted "
+                                 f"{type(module).__name__} has no nn.Linear.")
+            prefix = f"{heads[-1]}." if heads[-1] else ""
+            self.zeroed_names = [n for n in self.adapted_names if n.startswith(prefix) and "." not in n[len(prefix):]]
+            for name, p in module.named_parameters():
+                if name in self.zeroed_names:  # not trained: every task starts it at zero
+                    p.detach().zero_()
+                    p.requires_grad_(False)
         self.engine = MetaBatchEngine(module, task_parallel, task_chunk, batch_norm)
         self.inner_lrs = nn.ParameterDict()
         if learn_inner_lr or per_step_lr or self.meta_sgd:
@@ -114,7 +131,10 @@ class MAML(MetaLearner):
         return self.backbone
 
     def adapted_params(self) -> Params:
-        return {n: p for n, p in self.adapted_module().named_parameters() if n in self.adapted_names}
+        """The initialization every task adapts from (``zero_head``: the head as fresh zeros, which the inner loop
+        differentiates but the outer loop does not train)."""
+        return {n: torch.zeros_like(p).requires_grad_() if n in self.zeroed_names else p
+                for n, p in self.adapted_module().named_parameters() if n in self.adapted_names}
 
     def encode(self, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
         """Inputs of the adapted module for each task's support and queries ``[B, n, ...]`` (MAML: the inputs)."""
