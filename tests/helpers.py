@@ -30,6 +30,13 @@ def sine_data(meta_batch_size=4, train_episodes=40, **kw):
     return EpisodicDataModule(**args)
 
 
+class FakeTrainer:
+    """Stands in for the rank facts of a trainer (the real 2-process DDP run is in test_ddp.py)."""
+
+    def __init__(self, world_size=1, global_rank=0, current_epoch=0):
+        self.world_size, self.global_rank, self.current_epoch = world_size, global_rank, current_epoch
+
+
 def trainer(**kw):
     args = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False)

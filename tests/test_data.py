@@ -8,19 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import FakeTrainer
 from PIL import Image
 
 from conftest import OMNIGLOT, UNSEEN_ALPHABETS, episode_key, needs_omniglot, toy_dataset
 from lightning_meta import Episode, EpisodicDataModule
 from lightning_meta.data import ClassFolder, MiniImageNet, Omniglot, Sinusoid, SyntheticGlyphs, TensorClassDataset
 from lightning_meta.data.sampler import ClassEpisodeSampler
-
-
-class FakeTrainer:
-    """Stands in for the rank facts of a trainer (the real 2-process DDP run is in test_ddp.py)."""
-
-    def __init__(self, world_size=1, global_rank=0, current_epoch=0):
-        self.world_size, self.global_rank, self.current_epoch = world_size, global_rank, current_epoch
 
 
 def make_dm(**kw):

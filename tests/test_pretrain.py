@@ -4,7 +4,7 @@ and the channels_last throughput option."""
 import lightning as L
 import pytest
 import torch
-from helpers import blob_data, blobs
+from helpers import FakeTrainer, blob_data, blobs, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import toy_dataset
@@ -14,23 +14,11 @@ from lightning_meta.data.sampler import ClassBatchSampler
 from lightning_meta.models import MLP, Conv4, load_pretrained
 
 
-class FakeTrainer:
-    def __init__(self, world_size=1, global_rank=0, current_epoch=0):
-        self.world_size, self.global_rank, self.current_epoch = world_size, global_rank, current_epoch
-
-
 def pretrain_dm(**kw):
     args = dict(train=toy_dataset(names_prefix="tr"), val=toy_dataset(seed=1, names_prefix="va"), n_way=4, n_shot=2,
                 n_query=3, val_episodes=10, seed=7, pretrain_batch_size=8)
     args.update(kw)
     return EpisodicDataModule(**args)
-
-
-def quiet(**kw):
-    args = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False)
-    args.update(kw)
-    return L.Trainer(**args)
 
 
 # ---------------------------------------------------------------------------------------------------- batches
@@ -110,17 +98,17 @@ def fit_pretrainer(directory, ckpt_path=None, max_steps=-1):
     images = SyntheticGlyphs(num_classes=6, samples_per_class=6, image_size=16, seed=0)
     model = Pretrainer(Conv4(hidden=8, image_size=16), lr=1e-2)
     saver = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_last=True, save_top_k=0)
-    trainer = L.Trainer(max_epochs=2, max_steps=max_steps, callbacks=[saver], logger=False, enable_progress_bar=False,
+    fitter = L.Trainer(max_epochs=2, max_steps=max_steps, callbacks=[saver], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     dm = EpisodicDataModule(images, n_way=2, n_shot=1, n_query=1, pretrain_batch_size=6, seed=3,
                             train_transform=RandomAffine(degrees=20, translate=0.1))
-    trainer.fit(model, dm, ckpt_path=ckpt_path)
-    return model, trainer
+    fitter.fit(model, dm, ckpt_path=ckpt_path)
+    return model, fitter
 
 
 def test_a_pretraining_run_resumed_mid_epoch_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
-    full, trainer = fit_pretrainer(tmp_path / "full")
-    assert trainer.global_step == 12  # 2 epochs x 36 images / 6
+    full, fitter = fit_pretrainer(tmp_path / "full")
+    assert fitter.global_step == 12  # 2 epochs x 36 images / 6
     fit_pretrainer(tmp_path / "cut", max_steps=8)  # stops after step 2 of epoch 1
     resumed, _ = fit_pretrainer(tmp_path / "resumed", ckpt_path=tmp_path / "cut" / "last.ckpt")
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
@@ -135,10 +123,10 @@ def test_pretraining_learns_an_embedding_that_classifies_unseen_classes_by_proto
     dm = EpisodicDataModule(train, None, unseen, n_way=5, n_shot=1, n_query=3, test_episodes=40,
                             eval_meta_batch_size=8, pretrain_batch_size=30)  # no validation set: fit skips it
     model = Pretrainer(Conv4(hidden=16, image_size=16), lr=3e-3)
-    untrained = quiet().test(model, dm, verbose=False)[0]["test/acc"]
-    quiet(max_epochs=8).fit(model, dm)
+    untrained = trainer().test(model, dm, verbose=False)[0]["test/acc"]
+    trainer(max_epochs=8).fit(model, dm)
     assert model.num_classes == 30 and model.hparams.num_classes == 30  # read from the data module
-    tested = quiet().test(model, dm, verbose=False)[0]["test/acc"]
+    tested = trainer().test(model, dm, verbose=False)[0]["test/acc"]
     assert tested > untrained + 0.15  # measured: 0.41 untrained, 0.63 after 8 epochs
     # the evaluation path is adapt(): the same accuracy task by task
     hits = []
@@ -151,7 +139,7 @@ def test_pretraining_learns_an_embedding_that_classifies_unseen_classes_by_proto
 
 
 def test_the_checkpoint_loads_with_nothing_but_its_path_and_starts_a_protonet(tmp_path):
-    model, trainer = fit_pretrainer(tmp_path)
+    model, _ = fit_pretrainer(tmp_path)
     ckpt = tmp_path / "last.ckpt"
     loaded = Pretrainer.load_from_checkpoint(ckpt, weights_only=True)
     assert loaded.num_classes == 6
@@ -204,9 +192,9 @@ def test_bad_pretraining_input_is_named(tmp_path):
     with pytest.raises(TypeError, match="Labelled .* train a Pretrainer"):
         ProtoNet(MLP(6, (8,))).training_step(LabelledBatch(torch.randn(3, 6), torch.tensor([0, 1, 2])), 0)
     with pytest.raises(ValueError, match="The training dataset has 12 classes but Pretrainer\\(num_classes=5\\)"):
-        quiet(max_steps=1).fit(Pretrainer(MLP(6, (8,)), num_classes=5), pretrain_dm())
+        trainer(max_steps=1).fit(Pretrainer(MLP(6, (8,)), num_classes=5), pretrain_dm())
     with pytest.raises(ValueError, match=r"reads the number of classes from an EpisodicDataModule\(pretrain_batch_size"):
-        quiet(max_steps=1).fit(Pretrainer(MLP(8, (8,))), blob_data())
+        trainer(max_steps=1).fit(Pretrainer(MLP(8, (8,))), blob_data())
     with pytest.raises(TypeError, match="has no `embedding_dim`, so pass `feature_dim=D`"):
         Pretrainer(torch.nn.Linear(6, 4))
     with pytest.raises(ValueError, match="pretraining needs a labelled map-style dataset"):
