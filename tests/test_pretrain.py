@@ -218,3 +218,14 @@ def test_a_pretrained_checkpoint_of_another_architecture_is_refused_by_name(tmp_
 
 def test_blobs_helper_has_the_classes_the_tests_assume():
     assert blobs().labels.unique().numel() == 16
+
+
+def test_pretraining_batches_do_not_depend_on_the_number_of_workers():
+    def batches(workers):
+        dm = pretrain_dm(num_workers=workers, train_transform=None)
+        dm.trainer = FakeTrainer(current_epoch=1)
+        return list(dm.train_dataloader())
+
+    alone, pooled = batches(0), batches(2)
+    assert len(alone) == len(pooled) == 12
+    assert all(torch.equal(a.x, b.x) and torch.equal(a.y, b.y) for a, b in zip(alone, pooled))
