@@ -37,7 +37,7 @@ import lightning as L
 import torch
 import yaml
 
-from lightning_meta import ANIL, MAML, AttentionLearner, EpisodicDataModule, ProtoNet
+from lightning_meta import ANIL, MAML, AttentionLearner, EpisodeMean, EpisodicDataModule, ProtoNet
 from lightning_meta.data import Omniglot, RandomAffine, RandomShift
 from lightning_meta.functional import episode_accuracy
 from lightning_meta.models import Conv4
@@ -101,14 +101,14 @@ class Curve(L.Callback):
         if trainer.global_step % self.every:
             return
         self.clock.stop()
-        hits = []
+        accuracy = EpisodeMean()  # the interval the learners log
         with module.evaluating():  # (the MAML family adapts with gradients inside)
             for ep in self.dm.test_dataloader():
-                hits.append(episode_accuracy(module(ep.to(module.device)).detach(), ep.query_y.to(module.device)))
-        acc = torch.cat(hits)
+                accuracy.update(episode_accuracy(module(ep.to(module.device)), ep.query_y.to(module.device)).cpu())
+        mean, ci95 = accuracy.compute()
         print(f"curve: {self.stage} step {trainer.global_step}, {self.clock.wall / 60:.2f} train wall-min, "
-              f"{self.clock.cpu / 60:.2f} CPU-min: 5-way {100 * acc.mean():.2f}% +- "
-              f"{100 * 1.96 * acc.std() / len(acc) ** 0.5:.2f}% ({len(acc)} episodes)", flush=True)
+              f"{self.clock.cpu / 60:.2f} CPU-min: 5-way {100 * mean:.2f}% +- {100 * ci95:.2f}% "
+              f"({int(accuracy.count)} episodes)", flush=True)
         self.clock.start()
 
 
@@ -144,8 +144,9 @@ def run_recipe(args, train, val, test, clock: Clock):
         clock.stop()
         print(f"{name}: {type(model).__name__}, {trainer.global_step} steps ({trainer.current_epoch} epochs), "
               f"{clock.wall / 60:.1f} wall-min / {clock.cpu / 60:.1f} CPU-min so far", flush=True)
-        previous = workdir / f"stage{i}.ckpt"
-        trainer.save_checkpoint(previous)
+        if i + 1 < len(stages):  # the next stage starts from it
+            previous = workdir / f"stage{i}.ckpt"
+            trainer.save_checkpoint(previous)
     return model, trainer
 
 
@@ -164,13 +165,11 @@ def evaluate(model, train, test, args) -> None:
                                      eval_meta_batch_size=4, test_episodes=args.test_episodes, seed=0)
             res = quiet_trainer(accelerator=args.accelerator, precision=args.precision).test(model, tdm, verbose=False)[0]
             tested = f", tested with batch_norm={mode}" if mode else ""
-            lines.append((n_way, mode, f"  {n_way}-way 1-shot on {args.test_episodes} episodes of unseen alphabets"
-                                       f"{tested}: {100 * res['test/acc']:.2f}% +- {100 * res['test/acc_ci95']:.2f}%"))
+            lines.append(f"  {n_way}-way 1-shot on {args.test_episodes} episodes of unseen alphabets{tested}: "
+                         f"{100 * res['test/acc']:.2f}% +- {100 * res['test/acc_ci95']:.2f}%")
     if trained is not None:
         model.batch_norm = trained
-    first = lines[0]
-    for line in lines[1:] + [first]:  # the last line: 5-way, as trained
-        print(line[2])
+    print("\n".join(lines[1:] + lines[:1]))  # the last line: 5-way, as trained
 
 
 def main() -> None:

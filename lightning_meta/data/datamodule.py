@@ -265,9 +265,7 @@ class EpisodicDataModule(L.LightningDataModule):
         """The number of training classes C that pretraining batches label ``0..C-1`` (needs ``pretrain_batch_size``)."""
         if not self.pretrain_batch_size:
             raise ValueError("`pretrain_classes` is defined for pretraining batches only: set `pretrain_batch_size`.")
-        if "train" not in self.samplers:
-            self.setup("fit")
-        return self.samplers["train"].num_classes
+        return self._sampler("train").num_classes
 
     def _check_disjoint(self, sources: dict) -> None:
         given = [k for k in ("train", "val", "test") if sources[k] is not None]
@@ -298,30 +296,36 @@ class EpisodicDataModule(L.LightningDataModule):
     @property
     def train_episodes_per_step(self) -> int:
         """The global meta-batch: tasks per optimizer step summed over all ranks (examples, when pretraining)."""
-        return (self.pretrain_batch_size or self.meta_batch_size) * self._world()[0]
+        return self._train_batch * self._world()[0]
+
+    @property
+    def _train_batch(self) -> int:
+        """Tasks (examples, when pretraining) per training step on each rank."""
+        return self.pretrain_batch_size or self.meta_batch_size
 
     def _train_items(self) -> int:
         """Training episodes per epoch, or examples per epoch when pretraining (one pass over the dataset)."""
-        if not self.pretrain_batch_size:
-            return self.episodes["train"]
-        if "train" not in self.samplers:
-            self.setup("fit")
-        return len(self.samplers["train"])
+        return len(self._sampler("train")) if self.pretrain_batch_size else self.episodes["train"]
 
     def steps_per_epoch(self) -> int:
         """Training meta-batches per epoch on each rank (known without iterating any loader)."""
         return self._train_items() // self.train_episodes_per_step
 
-    def _loader(self, stream: str) -> DataLoader:
+    def _sampler(self, stream: str):
+        """The stream's sampler, set up on first use (outside a Trainer too)."""
         if stream not in self.samplers:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[stream])
         if stream not in self.samplers:
             raise ValueError(f"No {stream} dataset was given to EpisodicDataModule, so there are no {stream} episodes.")
+        return self.samplers[stream]
+
+    def _loader(self, stream: str) -> DataLoader:
+        sampler = self._sampler(stream)
         world, rank = self._world()
-        batch = (self.pretrain_batch_size or self.meta_batch_size) if stream == "train" else self.eval_meta_batch_size
+        batch = self._train_batch if stream == "train" else self.eval_meta_batch_size
         episodes = self._train_items() if stream == "train" else self.episodes[stream]
         transform = self.train_transform if stream == "train" else None
-        stream_ds = _EpisodeStream(self.samplers[stream], stream, episodes, batch, world, rank, transform, self.seed)
+        stream_ds = _EpisodeStream(sampler, stream, episodes, batch, world, rank, transform, self.seed)
         if stream != "train":  # a plain DataLoader, which Lightning may rebuild (trainer.predict does)
             return DataLoader(stream_ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         return _EpisodeLoader(stream_ds, self.num_workers, self.pin_memory, self)

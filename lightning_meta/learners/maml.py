@@ -110,9 +110,9 @@ class MAML(MetaLearner):
                 raise ValueError(f"zero_head=True starts the head (the last nn.Linear) at zero, but the adapted "
                                  f"{type(module).__name__} has no nn.Linear.")
             prefix = f"{heads[-1]}." if heads[-1] else ""
-            self.zeroed_names = [n for n in self.adapted_names if n.startswith(prefix) and "." not in n[len(prefix):]]
-            for name, p in module.named_parameters():
-                if name in self.zeroed_names:  # not trained: every task starts it at zero
+            for name, p in module.get_submodule(heads[-1]).named_parameters(recurse=False):
+                if f"{prefix}{name}" in self.adapted_names:  # not trained: every task starts it at zero
+                    self.zeroed_names.append(f"{prefix}{name}")
                     p.detach().zero_()
                     p.requires_grad_(False)
         self.engine = MetaBatchEngine(module, task_parallel, task_chunk, batch_norm)

@@ -79,9 +79,11 @@ class Pretrainer(ProtoNet):
     @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if stage != "fit":
+            return
         datamodule = getattr(self.trainer, "datamodule", None)
-        if stage != "fit" or not getattr(datamodule, "pretrain_batch_size", None):
-            if stage == "fit" and self.classifier is None:
+        if not getattr(datamodule, "pretrain_batch_size", None):
+            if self.classifier is None:
                 raise ValueError(
                     "Pretrainer(num_classes=None) reads the number of classes from an "
                     "EpisodicDataModule(pretrain_batch_size=...); with another data module pass `num_classes`."
