@@ -6,12 +6,21 @@ Prints the median time of a training step (forward, backward, Adam) after a warm
   protonet  Conv4, 60-way 1-shot 5-query episodes (the Omniglot training recipe)
   attention Conv4 + 2 transformer blocks (dim 128), 20-way 1-shot 5-query, meta-batch 4
   fp16      MAML float16 meta-gradients against float32 for a grid of inner and outer loss scales
+  compile   the MAML paper's Omniglot meta-step (Conv4 5-way 1-shot 15-query, meta-batch 32, second order) and ANIL
+            compiled (compile=True: the inner loop as one inductor graph; and mode="reduce-overhead": CUDA graphs),
+            in 32-true and bf16-mixed, against learn2learn and our eager vmap in the same call: ms per step, the
+            speed-ups, peak CUDA memory, and the projected time of the paper's 60,000 meta-steps. `--device cpu
+            --steps 4 --meta-batch 2` runs the same code on a CPU (a check that the script works, not a measurement)
   l2l       second-order MAML and ANIL against learn2learn's (clone/adapt per task) on the GPU, 32-true: Conv4 as
             in `maml` and the sinusoid, with peak CUDA memory (and first-order memory); needs learn2learn's source
             on the path (its pure-Python MAML is loaded on its own when the package's compiled parts or
             dependencies are missing)
 
-    python benchmarks/bench_gpu.py [--cases maml sinusoid protonet attention fp16 l2l] [--steps 20]
+    python benchmarks/bench_gpu.py [--cases maml sinusoid protonet attention fp16 l2l compile] [--steps 20]
+
+One short GPU run that measures what issue #15 asks (a few minutes on an H100):
+
+    python benchmarks/bench_gpu.py --cases compile --steps 15
 """
 
 from __future__ import annotations
@@ -43,20 +52,25 @@ def batches(source, way, shot, query, meta_batch, count, device):
     return [sampler.batch("train", 0, range(s * meta_batch, (s + 1) * meta_batch)).to(device) for s in range(count)]
 
 
-def step_time(model, data, precision: str, warmup: int = 3) -> float:
-    model = model.cuda().train()
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_time(model, data, precision: str, warmup: int = 3, device: str = "cuda") -> float:
+    model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     dtype = DTYPES[precision]
     times = []
     for i, batch in enumerate(data):
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = model.training_step(batch, i)
         loss.backward()
         opt.step()
-        torch.cuda.synchronize()
+        synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -144,16 +158,16 @@ def learn2learn_maml():
 
 
 def l2l_step_time(net, inner_lr, data, loss_fn, anil: bool = False, first_order: bool = False,
-                  warmup: int = 3) -> float:
+                  warmup: int = 3, device: str = "cuda") -> float:
     """learn2learn's meta-step as its examples write it: clone and adapt per task; for ANIL the body runs per task
     on the task's support and queries, and only the head is cloned and adapted."""
-    net = net.cuda()
+    net = net.to(device)
     adapted = learn2learn_maml()(net.head if anil else net, lr=inner_lr, first_order=first_order)
     params = list(net.features.parameters()) + list(adapted.parameters()) if anil else list(adapted.parameters())
     opt = torch.optim.Adam(params, lr=1e-4)
     times = []
     for i, batch in enumerate(data):
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         total = 0
@@ -167,14 +181,17 @@ def l2l_step_time(net, inner_lr, data, loss_fn, anil: bool = False, first_order:
             total = total + loss_fn(learner(qx), qy)
         (total / batch.num_tasks).backward()
         opt.step()
-        torch.cuda.synchronize()
+        synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def with_peak(fn, *args, **kwargs) -> tuple[float, float]:
-    """``(fn(...), peak CUDA memory in MiB above what was allocated before)``: model, optimizer and activations."""
+    """``(fn(...), peak CUDA memory in MiB above what was allocated before)``: model, optimizer and activations
+    (NaN off CUDA)."""
+    if kwargs.get("device", "cuda") != "cuda":
+        return fn(*args, **kwargs), float("nan")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -213,11 +230,48 @@ def case_l2l(steps: int) -> None:
     print(f"  Conv4 MAML first order: peak memory learn2learn {theirs:7.0f} vs lightning-meta {ours:7.0f} MiB")
 
 
+PROTOCOL_STEPS = 60_000  # the MAML paper's Omniglot meta-training
+
+
+def case_compile(steps: int, device: str, meta_batch: int = 32) -> None:
+    """Compiled MAML and ANIL against learn2learn and our eager vmap, measured in one call on the same episodes."""
+    print(f"compiled MAML / ANIL, Conv4 5-way 1-shot 15-query, meta-batch {meta_batch}, 1 inner step, second order, "
+          f"on {device} (median ms/step after 3 warm-up steps; the first compiles):")
+    data = batches(SyntheticGlyphs("train"), 5, 1, 15, meta_batch, steps, device)
+    torch.manual_seed(0)
+    net = Conv4(out_features=5)
+    for name, cls in (("MAML", MAML), ("ANIL", ANIL)):
+        theirs, their_mem = with_peak(l2l_step_time, copy.deepcopy(net), 0.4, data, F.cross_entropy,
+                                      anil=cls is ANIL, device=device)
+        eager, eager_mem = with_peak(step_time, cls(copy.deepcopy(net), inner_lr=0.4, task_parallel="vmap"), data,
+                                     "32-true", device=device)
+        print(f"  {name}: learn2learn {theirs * 1e3:8.1f} ms {their_mem:7.0f} MiB;  eager vmap {eager * 1e3:8.1f} ms "
+              f"{eager_mem:7.0f} MiB ({theirs / eager:4.1f}x learn2learn)")
+        for label, option, precision in (("compiled", True, "32-true"),
+                                         ("compiled + CUDA graphs", {"mode": "reduce-overhead"}, "32-true"),
+                                         ("compiled", True, "bf16-mixed"),
+                                         ("compiled + CUDA graphs", {"mode": "reduce-overhead"}, "bf16-mixed")):
+            torch._dynamo.reset()
+            learner = cls(copy.deepcopy(net), inner_lr=0.4, task_parallel="vmap", compile=option)
+            t, mem = with_peak(step_time, learner, data, precision, device=device)
+            fallbacks = learner.compiled_fallbacks()
+            print(f"    {label:24s} {precision:10s} {t * 1e3:8.1f} ms {mem:7.0f} MiB  {theirs / t:5.1f}x learn2learn  "
+                  f"{eager / t:4.1f}x eager  {PROTOCOL_STEPS} steps in {PROTOCOL_STEPS * t / 60:6.1f} min"
+                  + (f"  (ran eagerly: {fallbacks})" if fallbacks else ""))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=["maml", "sinusoid", "protonet", "attention", "fp16", "l2l"])
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--device", default="cuda", help="cpu: run the compile case's code on the CPU (a smoke check)")
+    p.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-batch in the compile case")
     args = p.parse_args()
+    if args.device != "cuda":
+        if set(args.cases) != {"compile"}:
+            raise SystemExit("--device cpu runs the compile case only: pass --cases compile")
+        case_compile(args.steps, args.device, args.meta_batch)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU; the CPU figures come from the other benchmarks.")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
@@ -232,6 +286,8 @@ def main() -> None:
             case_fp16()
         elif case == "l2l":
             case_l2l(args.steps)
+        elif case == "compile":
+            case_compile(args.steps, "cuda", args.meta_batch)
 
 
 if __name__ == "__main__":

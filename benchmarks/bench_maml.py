@@ -9,8 +9,12 @@ turns in blocks of steps on the same episodes):
   anil      the same Omniglot setup, ANIL: our body runs once per meta-batch; learn2learn's per task, as in its examples
   memory    peak resident memory added by 3 meta-steps of the Omniglot case, each contender in a fresh process,
             second order and first order
+  compiled  the Omniglot case with compile=True (each task's inner loop and query pass one inductor graph) beside
+            the eager loop and learn2learn, with the compilation time; --profile adds where one meta-step's
+            milliseconds go for each of them (torch.profiler, grouped by operator family)
 
-    python benchmarks/bench_maml.py [--cases sinusoid omniglot anil memory] [--steps 5] [--every-step]
+    python benchmarks/bench_maml.py [--cases sinusoid omniglot anil memory compiled] [--steps 5] [--every-step]
+                                    [--profile]
 """
 
 from __future__ import annotations
@@ -101,6 +105,11 @@ def l2l_anil_step(net, inner_lr):
 
 def contenders(case: str, first_order: bool = False):
     torch.manual_seed(0)
+    if case == "compiled":
+        net, lr = Conv4(out_features=5), 0.4
+        return {"lightning-meta compiled": ours_step(MAML(copy.deepcopy(net), inner_lr=lr, compile=True)),
+                "lightning-meta eager": ours_step(MAML(copy.deepcopy(net), inner_lr=lr)),
+                "learn2learn": l2l_maml_step(copy.deepcopy(net), lr)}
     if case == "sinusoid":
         net, lr = MLP(1, (40, 40), 1), 0.01
         return {"lightning-meta (vmap)": ours_step(MAML(copy.deepcopy(net), inner_lr=lr, task_parallel="vmap")),
@@ -119,13 +128,14 @@ def contenders(case: str, first_order: bool = False):
             "learn2learn": l2l_maml_step(copy.deepcopy(net), lr, first_order)}
 
 
-def time_case(case: str, steps: int, warmup: int = 2, rounds: int = 3, every_step: bool = False) -> dict[str, float]:
+def time_case(case: str, steps: int, warmup: int = 2, rounds: int = 3, every_step: bool = False,
+              runs: dict | None = None) -> dict[str, float]:
     """Median step time per contender. The contenders alternate in blocks of ``steps`` steps on the same episodes,
     ``rounds`` times, so machine noise falls on all of them alike while each step follows a step of its own model,
     as in training. ``every_step`` alternates after every step instead: each step then starts with the other
     libraries' data in the caches, which costs a small network's step more than a large one's."""
-    data = batches(case, steps + warmup)
-    runs = contenders(case)
+    data = batches("omniglot" if case == "compiled" else case, steps + warmup)
+    runs = runs or contenders(case)
     times = {name: [] for name in runs}
     for step in runs.values():
         for batch in data[:warmup]:
@@ -138,6 +148,51 @@ def time_case(case: str, steps: int, warmup: int = 2, rounds: int = 3, every_ste
             runs[name](batch)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+FAMILIES = (  # operator families of a profile, by the first pattern an event's name contains
+    ("compiled kernels (inductor: batch norm, ReLU, pooling, losses fused)", ("CompiledFxGraph",)),
+    ("convolution backward", ("convolution_backward",)), ("convolution", ("convolution",)),
+    ("max pooling", ("max_pool",)), ("batch norm", ("batch_norm",)),
+    ("ReLU", ("threshold_backward", "clamp_min", "relu")), ("scatter (compiled pooling backward)", ("scatter",)),
+    ("matmul", ("addmm", "aten::mm", "bmm")), ("fill / zeros", ("fill_", "zero_")),
+)
+
+
+def profile_step(step, batch) -> None:
+    """Where one meta-step's milliseconds go: self CPU time per operator family (torch.profiler), summing to the
+    profiled total; the rest is every other operator (elementwise arithmetic, copies, autograd bookkeeping)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step(batch)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e3
+    grouped = dict.fromkeys([name for name, _ in FAMILIES] + ["everything else"], 0.0)
+    for e in events:
+        family = next((name for name, keys in FAMILIES if any(k in e.key for k in keys)), "everything else")
+        grouped[family] += e.self_cpu_time_total / 1e3
+    print(f"    profiled step {wall * 1e3:.0f} ms wall ({total:.0f} ms of operator self time):")
+    for name, ms in grouped.items():
+        if ms >= 0.5:
+            print(f"      {name:66s} {ms:7.0f} ms  {100 * ms / total:5.1f}%")
+
+
+def case_compiled(steps: int, profile: bool) -> None:
+    print("Omniglot Conv4 5-way 1-shot 15-query, meta-batch 32, 1 step, second order, compiled (inductor):")
+    runs = contenders("compiled")
+    first = batches("omniglot", 1)[0]
+    start = time.perf_counter()
+    runs["lightning-meta compiled"](first)
+    print(f"  first compiled step (compiles the inner loop, and checks it against eager once): "
+          f"{time.perf_counter() - start:.1f} s")
+    report("compiled", time_case("compiled", steps, runs=runs))
+    if profile:
+        for name, step in runs.items():
+            print(f"  {name}:")
+            profile_step(step, first)
 
 
 def gflops_of_step(batch) -> float:
@@ -186,6 +241,7 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=["sinusoid", "omniglot", "anil", "memory"])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--every-step", action="store_true", help="alternate the contenders after every step (see time_case)")
+    p.add_argument("--profile", action="store_true", help="with the compiled case: where each step's time goes")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
@@ -205,6 +261,8 @@ def main() -> None:
     if "anil" in args.cases:
         print("ANIL, same Omniglot setup:")
         report("anil", time_case("anil", args.steps, every_step=args.every_step))
+    if "compiled" in args.cases:
+        case_compiled(args.steps, args.profile)
     if "memory" in args.cases:
         print("peak memory added by 3 Omniglot meta-steps (fresh process each):")
         for name in ("lightning-meta", "learn2learn", "lightning-meta first-order", "learn2learn first-order"):

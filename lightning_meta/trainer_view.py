@@ -24,3 +24,16 @@ def batch_index(trainer: Any) -> int:
 def batches_started(trainer: Any) -> int:
     """Training batches of the current epoch taken from the loader so far (what a checkpoint has consumed)."""
     return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+
+def take_over_compilation(module: Any) -> Optional[Any]:
+    """When ``module`` was handed to the trainer as ``torch.compile(module)``, Lightning has wrapped its ``forward``
+    and step methods with the compiler: undo that and return the compiler (``fn -> compiled fn``, the user's
+    ``torch.compile`` settings), else ``None``."""
+    ctx = getattr(module, "_compiler_ctx", None)
+    if not ctx:
+        return None
+    from lightning.pytorch.utilities.compile import to_uncompiled
+
+    to_uncompiled(module)
+    return ctx["dynamo_ctx"]

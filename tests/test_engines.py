@@ -6,7 +6,7 @@ linear/activation chain) and vmap in chunks with streamed meta-gradients -- give
 (initialization and learned rates), evaluation outputs, per-step outputs and `adapt()` predictions as a reference
 built on learn2learn's own `clone_module`/`update_module` (its MAML's machinery), to 1e-5 in float64.
 
-A new engine or fast path joins `ENGINES` to exist."""
+A new engine or fast path joins `ENGINES` to exist; the compiled inner loop (`compile=...`) is one."""
 
 import pytest
 import torch
@@ -17,7 +17,11 @@ from lightning_meta import ANIL, MAML, Episode, MetaSGD
 from lightning_meta.models import MLP, Conv4
 
 ENGINES = [dict(task_parallel="loop"), dict(task_parallel="loop", task_chunk=2), dict(task_parallel="vmap"),
-           dict(task_parallel="vmap", task_chunk=2)]
+           dict(task_parallel="vmap", task_chunk=2),
+           # compiled: each chunk's whole inner loop captured as one graph (dynamo + AOTAutograd, whose backward is
+           # the meta-gradient), vmapped, streamed, run by the aot_eager backend; the compiled one-task loop and
+           # inductor's kernels are compared with eager in test_compile
+           dict(task_parallel="vmap", task_chunk=2, compile={"backend": "aot_eager"})]
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 

@@ -88,7 +88,8 @@ def _sgd_step(p: Tensor, rate: Union[Tensor, float], grad: Tensor) -> Tensor:
     """``p - rate * grad``, in the gradient's precision (float32 after unscaling), then back to the parameter's
     dtype: casting a tiny unscaled gradient to float16 first would underflow it again. A float rate takes one fused
     kernel (``add`` with ``alpha``), which matters for small networks where per-op overhead dominates."""
-    fused = isinstance(rate, float) and p.dtype == grad.dtype and p.dtype in (torch.float32, torch.float64)
+    fused = (isinstance(rate, float) and p.dtype == grad.dtype and p.dtype in (torch.float32, torch.float64)
+             and not torch.compiler.is_compiling())  # compiled, add(alpha=) after func.grad gave wrong numbers (torch 2.14)
     out = torch.add(p, grad, alpha=-rate) if fused else p - rate * grad
     return out if out.dtype == p.dtype else out.to(p.dtype)
 
@@ -132,7 +133,7 @@ def inner_adapt(forward: Forward, params: Params, support_x: Tensor, support_y: 
                                   create_graph=not first_order, engine=engine)
         return ({k: g.detach() for k, g in grads.items()} if first_order else grads), loss
 
-    trajectory, losses = _descend(params, steps, learning_rates, gradient)
+    trajectory, losses = descend(params, steps, learning_rates, gradient)
     batched = [{k: v.unsqueeze(0) for k, v in p.items()} for p in trajectory]  # a meta-batch of one task
     return trajectory, losses[0], _finite_steps(batched, losses)[0]
 
@@ -171,11 +172,11 @@ def inner_adapt_batched(forward: Forward, params: Params, support_x: Tensor, sup
         return got or scaled_grad(lambda q: per_task_loss(forward(q, support_x), support_y, ndim), p, loss_scale,
                                   create_graph=not first_order, engine="autograd")
 
-    trajectory, losses = _descend(params, steps, learning_rates, gradient)
+    trajectory, losses = descend(params, steps, learning_rates, gradient)
     return trajectory, losses, _finite_steps(trajectory, losses)
 
 
-def _descend(params: Params, steps: int, learning_rates: LearningRates,
+def descend(params: Params, steps: int, learning_rates: LearningRates,
              gradient: Callable[[Params], tuple[Params, Tensor]]) -> tuple[list[Params], Tensor]:
     """The inner loop itself: ``steps`` gradient steps from ``params``; ``(trajectory, support losses [B, steps])``
     where ``gradient(params) -> (grads, losses)`` gives a scalar loss (one task) or one per task ``[B]``."""
@@ -199,6 +200,13 @@ def _finite_steps(trajectory: list[Params], losses: Tensor) -> Tensor:
     the sum: only then, or when something is non-finite, the exact per-task, per-step check runs."""
     if surely_finite([losses, *trajectory[-1].values()]):
         return torch.ones_like(losses, dtype=torch.bool)
+    return finite_steps(trajectory, losses)
+
+
+def finite_steps(trajectory: list[Params], losses: Tensor) -> Tensor:
+    """``[B, steps]``: task b's support loss at step i and its parameters after step i are all finite; tensors in,
+    tensors out, no synchronisation (what a compiled inner loop computes). ``trajectory``: ``steps + 1`` dicts of
+    ``[B, ...]`` parameters, the first the initial ones; ``losses``: ``[B, steps]``."""
     with torch.no_grad():
         b = losses.shape[0]
         params = [torch.cat([p.reshape(b, -1) for p in step.values()], 1).isfinite().all(1) for step in trajectory[1:]]

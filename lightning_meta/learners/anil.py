@@ -58,8 +58,13 @@ class ANIL(MAML):
         use_vmap = parallel == "vmap" or (parallel == "auto" and support_x.is_cuda)
         body = self.backbone.forward_features
 
+        if use_vmap:
+            batched = self.compiled("body (vmap)", torch.func.vmap(body, randomness="different"))
+        else:
+            one = self.compiled("body (one task)", body)
+
         def run(x: Tensor) -> Tensor:
-            return torch.func.vmap(body, randomness="different")(x) if use_vmap else torch.stack([body(t) for t in x])
+            return batched(x) if use_vmap else torch.stack([one(t) for t in x])
 
         with norms_in_float32(self.body_norms):
             if self.batch_norm == "transductive" or not self.body_norms:

@@ -86,6 +86,7 @@ class AttentionLearner(MetaLearner):
             check_int(name, value, minimum)
         if dim % heads:
             raise ValueError(f"Expected `dim` ({dim}) to be divisible by `heads` ({heads}).")
+        backbone = self.plain_backbone(backbone)
         embedding_dim = embedding_dim or getattr(backbone, "embedding_dim", None)
         if embedding_dim is None:
             raise ValueError("Pass `embedding_dim`: the backbone has no `embedding_dim` attribute to read it from.")
@@ -134,6 +135,12 @@ class AttentionLearner(MetaLearner):
 
     def forward_episode(self, batch: Episode) -> Tensor:
         sx, sy, qx, _ = batch
+        n_way = 0 if sy.is_floating_point() else int(sy.max()) + 1
+        return self.compiled("episode outputs", self.episode_outputs)(sx, sy, qx, n_way)
+
+    def episode_outputs(self, sx: Tensor, sy: Tensor, qx: Tensor, n_way: int) -> Tensor:
+        """Query logits ``[B, M, N]`` (``n_way`` classes) or predictions shaped like the targets (regression,
+        ``n_way`` unused): a pure tensor function (compiled with ``compile=True``)."""
         b, s, m = sx.shape[0], sx.shape[1], qx.shape[1]
         features = self.backbone(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)])).flatten(1)
         if features.shape[1] != self.input.in_features:
@@ -151,7 +158,6 @@ class AttentionLearner(MetaLearner):
             out = self._run(torch.cat([support, query], 1), s)
             predictions = self.readout(out[:, s:]) + self._unused(self.label, self.markers[0])  # [B, M, target_dim]
             return predictions.squeeze(-1) if scalar else predictions  # shaped like the targets
-        n_way = int(sy.max()) + 1
         classes = class_prototypes(support, sy, n_way) + self.markers[0]  # [B, N, D]
         support = support + self.label(torch.gather(classes, 1, sy.unsqueeze(-1).expand_as(support))) + self.markers[1]
         out = self._run(torch.cat([classes, support, query], 1), n_way + s)  # [B, N+S+M, D]

@@ -10,13 +10,14 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_meta import trainer_view
 from lightning_meta._checks import check_choice, check_positive, surely_finite
 from lightning_meta.checkpoint import CheckedCheckpointIO, read_checkpoint, rng_states, set_rng_states
+from lightning_meta.compile import CompiledFunction, Compiler, make_compiler, unwrap_compiled
 from lightning_meta.data.episode import Episode, LabelledBatch
 from lightning_meta.functional.episode import episode_accuracy, per_task_loss, target_ndim
 from lightning_meta.metrics import EpisodeCount, EpisodeMean
@@ -57,6 +58,11 @@ class MetaLearner(L.LightningModule):
             ``lr_step_epochs`` epochs).
         nonfinite: what to do when a training meta-loss is NaN or infinite: ``"raise"`` stops with an error naming the
             step; ``"skip"`` warns and skips the meta-batch (no update).
+        compile: compile the learner's cores with ``torch.compile`` (MAML: the whole inner loop and query pass of a
+            task or vmapped chunk; ProtoNet, AttentionLearner: the meta-batch's forward): ``True``, or a dict of
+            ``torch.compile`` arguments (``{"mode": "reduce-overhead"}``). ``trainer.fit(torch.compile(learner))``
+            and a ``torch.compile``-d backbone do the same with their settings. A core that fails to compile or
+            changes the numbers runs eagerly after one warning (:mod:`lightning_meta.compile`).
 
     Logged: ``train/loss`` and ``train/acc`` (or ``train/mse``); ``val/loss``, ``val/acc`` and ``val/acc_ci95``
     (classification) or ``val/mse`` and ``val/mse_ci95`` (regression); likewise ``test/*``.
@@ -85,12 +91,15 @@ class MetaLearner(L.LightningModule):
         lr_step_epochs: int = 10,
         lr_gamma: float = 0.5,
         nonfinite: str = "raise",
+        compile: Any = False,  # noqa: A002 -- the name users know from torch.compile
     ) -> None:
         super().__init__()
         check_positive("lr", lr)
         check_choice("optimizer", optimizer, sorted(OPTIMIZERS))
         check_choice("lr_scheduler", lr_scheduler, SCHEDULERS)
         check_choice("nonfinite", nonfinite, ("raise", "skip"))
+        self._compiler: Optional[Compiler] = make_compiler(compile)
+        self._compiled: dict[str, CompiledFunction] = {}
         # every option of the learner, its subclass's included (Lightning collects the arguments of each __init__ in
         # the chain), stored once; the modules passed in are not hyperparameters
         self.save_hyperparameters(ignore=["backbone"])
@@ -145,10 +154,57 @@ class MetaLearner(L.LightningModule):
         return Episode(self.as_inputs(sx, "support_x"), as_targets(sy, "support_y"), self.as_inputs(qx, "query_x"),
                        as_targets(qy, "query_y"))
 
+    # ------------------------------------------------------------------ compilation
+    @property
+    def compiler(self) -> Optional[Compiler]:
+        """What compiles the learner's cores (``fn -> compiled fn``), or ``None`` when it runs eagerly."""
+        return self._compiler
+
+    def use_compiler(self, compiler: Optional[Compiler]) -> None:
+        """Compile the cores with ``compiler`` from now on (``None``: eager); cores compiled with another compiler
+        before are dropped (the same one keeps them: ``trainer.test(torch.compile(learner))`` after ``fit``)."""
+        if compiler is not self._compiler:
+            self._compiler, self._compiled = compiler, {}
+
+    def plain_backbone(self, backbone: nn.Module) -> nn.Module:
+        """``backbone`` itself, or for ``torch.compile(backbone)`` the module it wraps, the learner then compiling its
+        cores with the same settings (unless ``compile`` chose its own): parameter names and checkpoints stay plain."""
+        plain, compiler = unwrap_compiled(backbone)
+        if compiler is not None and self._compiler is None:
+            self.use_compiler(compiler)
+        return plain
+
+    def compiled(self, name: str, fn: Callable) -> Callable:
+        """``fn`` compiled (a :class:`~lightning_meta.compile.CompiledFunction`, made once per ``name``) when the
+        learner compiles, else ``fn``. ``fn`` must be a pure tensor function of its arguments and the parameters."""
+        if self._compiler is None:
+            return fn
+        if name not in self._compiled:
+            self._compiled[name] = CompiledFunction(fn, self._compiler, f"{type(self).__name__}'s compiled {name}", self)
+        return self._compiled[name]
+
+    def compiled_fallbacks(self) -> dict[str, str]:
+        """The cores that fell back to eager, with the reason (empty when all compiled cores run compiled)."""
+        return {name: f.reason for name, f in self._compiled.items() if f.eager and f.reason}
+
+    def __getstate__(self) -> dict:  # compiled functions are rebuilt on use, not pickled or deep-copied
+        return {**super().__getstate__(), "_compiled": {}}
+
+    @torch.compiler.disable
+    def _forward_compiled_by_caller(self, batch: Episode) -> Tensor:
+        if self._compiler is None:
+            rank_zero_info(f"torch.compile({type(self).__name__}) was called: the learner compiles its cores "
+                           "(MAML: the inner loop; see lightning_meta.compile) with torch.compile's defaults and runs "
+                           "its checks eagerly. For other settings pass compile={...} to the learner.")
+            self.use_compiler(make_compiler(True))
+        return self.forward(batch)
+
     # ------------------------------------------------------------------ steps
     @override
     def forward(self, batch: Episode) -> Tensor:
         """Query outputs of a meta-batch (see :meth:`forward_episode`), after the same checks as a training step."""
+        if torch.compiler.is_compiling():  # called through torch.compile(learner): compile the cores instead
+            return self._forward_compiled_by_caller(batch)
         batch = self.prepare_episode(batch)
         self.check_episode(batch)
         return self.forward_episode(batch)
@@ -271,6 +327,9 @@ class MetaLearner(L.LightningModule):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO()
+        compiler = trainer_view.take_over_compilation(self)
+        if compiler is not None:  # trainer.fit(torch.compile(learner)): the cores, not the step methods
+            self.use_compiler(compiler)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -95,7 +95,7 @@ class MAML(MetaLearner):
                 check_int(name, value, 1)
         if inner_loss_scale is not None:
             check_positive("inner_loss_scale", inner_loss_scale)
-        self.backbone = backbone
+        self.backbone = backbone = self.plain_backbone(backbone)
         for norm in batch_norms(backbone):  # per-task statistics, as in Finn et al.'s reference code
             norm.track_running_stats = False
             norm.running_mean = norm.running_var = norm.num_batches_tracked = None
@@ -225,7 +225,8 @@ class MAML(MetaLearner):
                 self.hparams.inner_steps if training else steps or self.eval_inner_steps,
                 first_order=not training or self.first_order_now(), loss_scale=self.inner_scale,
                 trajectory=trajectory or ("all" if multi else "last"), share=share,
-                leaves=[p for p in self.parameters() if p.requires_grad], outer_scale=self.meta_gradient_scale)
+                leaves=[p for p in self.parameters() if p.requires_grad], outer_scale=self.meta_gradient_scale,
+                compiled=self.compiled if self.compiler is not None else None)
             dropped = self.check_inner_loop(adapted, evaluating=not training)
             if dropped is not None:
                 mask = dropped.view(-1, *[1] * (adapted.outputs.dim() - 1))

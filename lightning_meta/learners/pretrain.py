@@ -104,6 +104,10 @@ class Pretrainer(ProtoNet):
         if self.classifier is None:
             raise RuntimeError("The classifier is built when fit starts (num_classes=None): pass `num_classes` to use "
                                "it before training.")
+        return self.compiled("classifier logits", self.class_logits)(x)
+
+    def class_logits(self, x: Tensor) -> Tensor:
+        """:meth:`classify` as a pure tensor function (compiled with ``compile=True``)."""
         z = self.embed(x)  # float32 (ProtoNet's distances): in the classifier's dtype (64-true, bf16-true)
         return self.classifier(z.to(self.classifier.weight.dtype))
 

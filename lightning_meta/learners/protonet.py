@@ -49,7 +49,7 @@ class ProtoNet(MetaLearner):
         check_choice("distance", distance, DISTANCES)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"Expected `backbone` to be an nn.Module, but got {type(backbone).__name__}.")
-        self.backbone = backbone
+        self.backbone = self.plain_backbone(backbone)
         self.distance = distance
         # only cosine logits use the scale: a trainable parameter outside the loss would stop DDP
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale and distance == "cosine")
@@ -74,8 +74,12 @@ class ProtoNet(MetaLearner):
 
     def forward_episode(self, batch: Episode) -> Tensor:
         sx, sy, qx, _ = batch
+        return self.compiled("episode logits", self.episode_logits)(sx, sy, qx, int(sy.max()) + 1)
+
+    def episode_logits(self, sx: Tensor, sy: Tensor, qx: Tensor, n_way: int) -> Tensor:
+        """Query logits ``[B, M, N]`` of a meta-batch with ``n_way`` classes: a pure tensor function (compiled with
+        ``compile=True``)."""
         b, s, m = sx.shape[0], sx.shape[1], qx.shape[1]
-        n_way = int(sy.max()) + 1
         z = self.embed(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)]))  # [B*(S+M), D]
         support, query = z[: b * s].view(b, s, -1), z[b * s :].view(b, m, -1)
         return self.logits(query, class_prototypes(support, sy, n_way))  # [B, M, N]

@@ -1,0 +1,248 @@
+"""``torch.compile`` for the learners: what is compiled, how a failure or a numerical change falls back to eager, and
+how compilations are counted.
+
+A learner compiles its *cores*: the pure tensor functions its steps spend their time in (MAML: one task's, or a
+vmapped chunk's, whole inner loop and query pass on ``torch.func``, so the second-order meta-gradient is the compiled
+graph's ordinary backward; ProtoNet and the AttentionLearner: the meta-batch's forward from inputs to logits). The
+steps around them (checks, metrics, logging, streamed meta-gradients) stay eager: they synchronise, branch on values
+and call ``torch.autograd.grad``, which would break the graph in every step.
+
+Three ways in, one mechanism (:meth:`~lightning_meta.MetaLearner.compiler`):
+
+- ``MAML(..., compile=True)`` (or a dict of ``torch.compile`` arguments, e.g. ``{"mode": "reduce-overhead"}``);
+- ``trainer.fit(torch.compile(learner))``: Lightning compiles ``forward`` and the step methods, which would trace the
+  eager machinery and break the graph (and second-order MAML cannot differentiate twice through a compiled graph);
+  the learner takes the compilation over when fit starts and compiles its cores with the same ``torch.compile``
+  settings instead;
+- ``MAML(torch.compile(backbone))``: the learner keeps the plain backbone (its checkpoint keys stay the plain ones)
+  and compiles its cores with those settings.
+
+Every core is compiled without graph breaks (``fullgraph=True`` where the options are the learner's own). Where
+compilation fails, or the first compiled result differs from the eager one beyond :data:`TOLERANCE`, the core runs
+eagerly from then on, after one warning that says why.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+# (rtol, atol) of the first-call check against eager, per output dtype, relative to the largest eager magnitude:
+# compiled kernels reorder float sums (float32: relative differences ~1e-6 per op, ~1e-4 after a second-order inner
+# loop through four conv layers); half types carry 8 to 11 bits
+TOLERANCE = {torch.float64: (1e-6, 1e-9), torch.float32: (1e-3, 1e-5), torch.bfloat16: (5e-2, 1e-3),
+             torch.float16: (2e-2, 1e-3)}
+
+Compiler = Callable[[Callable], Callable]
+
+
+class CompileFallbackWarning(UserWarning):
+    """A compiled core runs eagerly instead (compilation failed, or it changed the numbers)."""
+
+
+def make_compiler(option: Union[bool, dict, None]) -> Optional[Compiler]:
+    """The learner option ``compile``: ``False``/``None`` (eager), ``True`` (``torch.compile`` defaults) or a dict of
+    ``torch.compile`` keyword arguments (``mode``, ``backend``, ``dynamic``, ``options``). Graph breaks are errors
+    (``fullgraph=True``), so a core that cannot be captured whole falls back to eager with a warning."""
+    if option is None or option is False:
+        return None
+    if option is True:
+        option = {}
+    if not isinstance(option, dict):
+        raise TypeError(f"Expected `compile` to be a bool or a dict of torch.compile arguments (e.g. "
+                        f"{{'mode': 'reduce-overhead'}}), but got {type(option).__name__}.")
+    unknown = set(option) - {"mode", "backend", "dynamic", "options", "fullgraph"}
+    if unknown:
+        raise ValueError(f"Unknown torch.compile arguments in `compile`: {sorted(unknown)}; the accepted ones are "
+                         "mode, backend, dynamic, options and fullgraph.")
+    arguments = {"fullgraph": True, **option}
+    return lambda fn: torch.compile(fn, **arguments)
+
+
+def unwrap_compiled(module: nn.Module) -> tuple[nn.Module, Optional[Compiler]]:
+    """``(module, None)`` for a plain module; for the result of ``torch.compile(module)``, the plain module and a
+    compiler with the same settings (its parameters keep their plain names, so checkpoints do not depend on it)."""
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        return module._orig_mod, module.dynamo_ctx
+    return module, None
+
+
+@dataclass
+class CompileCounts:
+    """Compilations so far in this process: ``graphs`` captured, ``graph_breaks`` and ``recompiles`` (a guard
+    failed, e.g. a new input shape). After warm-up, training with fixed episode shapes adds none of them."""
+
+    graphs: int
+    graph_breaks: int
+    recompiles: int
+
+
+def compile_counts() -> CompileCounts:
+    """The process's :class:`CompileCounts` (from ``torch._dynamo``'s counters). Take one before and one after a
+    run of steps to count what those steps compiled."""
+    from torch._dynamo.utils import counters
+
+    return CompileCounts(graphs=int(counters["stats"]["unique_graphs"]),
+                         graph_breaks=int(sum(counters["graph_break"].values())),
+                         recompiles=int(sum(counters["recompiles"].values())))
+
+
+class CompiledFunction:
+    """``fn`` compiled by ``compiler`` on first use. The first call also runs ``fn`` eagerly from the same random
+    state and compares every floating output (:data:`TOLERANCE`); a mismatch, or a failure to compile, makes this
+    function run ``fn`` eagerly from then on, after one :class:`CompileFallbackWarning` naming ``name`` and the reason.
+    An error that eager ``fn`` raises too (bad input) is raised as it is, not taken for a compiler failure."""
+
+    def __init__(self, fn: Callable, compiler: Compiler, name: str, module: Optional[nn.Module] = None) -> None:
+        self.fn, self.name, self.module = fn, name, module
+        self.compiled: Optional[Callable] = compiler(_own_code(fn))
+        self.checked = False
+        self.reason: Optional[str] = None  # why it runs eagerly, once it does
+
+    @property
+    def eager(self) -> bool:
+        """Whether this function has fallen back to eager."""
+        return self.compiled is None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            return self.fn(*args)
+        state = _rng_state() if not self.checked else None
+        before = _buffers(self.module) if not self.checked else None
+        try:
+            with _eager_random():
+                out = self.compiled(*args)
+        except Exception as error:  # noqa: BLE001 -- decided below: eager raises too (bad input) or falls back
+            if state is not None:
+                _set_rng_state(state)
+                _load_buffers(self.module, before)
+            try:
+                out = self.fn(*args)
+            except Exception as eager_error:  # bad input: the eager error, without the compiler's around it
+                raise eager_error.with_traceback(eager_error.__traceback__) from None
+            return self._fall_back(f"torch.compile failed: {type(error).__name__}: {_first_line(error)}", out)
+        if self.checked:
+            return out
+        self.checked = True
+        after, updated = _rng_state(), _buffers(self.module)
+        _set_rng_state(state)
+        _load_buffers(self.module, before)  # the reference starts where the compiled call started...
+        with torch.no_grad():
+            reference = self.fn(*_detached(args))
+        _set_rng_state(after)
+        _load_buffers(self.module, updated)  # ...and the buffers (batch norm statistics) are updated once
+        problem = _difference(out, reference)
+        if not problem:
+            return out
+        _set_rng_state(state)  # the eager result from the same random state, as if compilation had not been asked
+        _load_buffers(self.module, before)
+        return self._fall_back(problem, self.fn(*args))
+
+    def _fall_back(self, reason: str, out: Any) -> Any:
+        self.compiled, self.reason = None, reason
+        warnings.warn(f"{self.name} runs eagerly: {reason}.", CompileFallbackWarning, stacklevel=3)
+        return out
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` behind a function whose code object is this one's alone. Dynamo keeps compiled graphs, and counts
+    recompilations against its limit (8), per code object: without this, every learner of a process (a sweep, the
+    stages of a recipe, a test suite) would add its graphs to the same code object's cache, and the ninth would stop
+    compiling."""
+
+    def call(*args: Any) -> Any:
+        return fn(*args)
+
+    return types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__, None, call.__closure__)
+
+
+def _buffers(module: Optional[nn.Module]) -> list[Tensor]:
+    return [b.detach().clone() for b in module.buffers()] if module is not None else []
+
+
+def _load_buffers(module: Optional[nn.Module], values: list[Tensor]) -> None:
+    if module is not None:
+        with torch.no_grad():
+            for b, v in zip(module.buffers(), values):
+                b.copy_(v)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _detached(args: tuple) -> tuple:
+    return tuple(_map(lambda t: t.detach(), a) for a in args)
+
+
+def _map(fn: Callable, value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map(fn, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map(fn, v) for v in value)
+    return value
+
+
+def _leaves(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _leaves(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _leaves(v)]
+    return []
+
+
+def _difference(out: Any, reference: Any) -> Optional[str]:
+    """Why ``out`` (compiled) is not ``reference`` (eager) within :data:`TOLERANCE`, or ``None``."""
+    got, want = _leaves(out), _leaves(reference)
+    if len(got) != len(want):
+        return f"it returned {len(got)} tensors where eager returns {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a.shape != b.shape:
+            return f"output {i} has shape {tuple(a.shape)} where eager gives {tuple(b.shape)}"
+        if not b.is_floating_point():
+            if not torch.equal(a, b):
+                return f"output {i} ({b.dtype}) differs from eager"
+            continue
+        rtol, atol = TOLERANCE.get(b.dtype, TOLERANCE[torch.float32])
+        a, b = a.detach().double(), b.detach().double()
+        finite = torch.isfinite(b)
+        if not torch.equal(finite, torch.isfinite(a)):
+            return f"output {i} is non-finite in other places than eager's"
+        if finite.any():
+            error = (a[finite] - b[finite]).abs().max().item()
+            bound = atol + rtol * b[finite].abs().max().item()
+            if error > bound:
+                return (f"output {i} differs from eager by {error:.3g} (tolerance {bound:.3g}: rtol {rtol} of the "
+                        f"largest value plus atol {atol})")
+    return None
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def _eager_random():
+    """Inductor draws random numbers (dropout) with its own generator unless told to use eager's: with eager's, a
+    compiled step consumes and produces the same random numbers as the eager one, so the first-call check, resumed
+    runs and compiled-vs-eager comparisons hold with dropout on."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(fallback_random=True)
