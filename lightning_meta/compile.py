@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 # (rtol, atol) of the first-call check against eager, per output dtype, relative to the largest eager magnitude:
 # compiled kernels reorder float sums (float32: relative differences ~1e-6 per op, ~1e-4 after a second-order inner
-# loop through four conv layers); half types carry 8 to 11 bits
+# loop through four conv layers); half types carry 8 to 11 bits. Under autocast the loosest of the output's dtype
+# and autocast's applies (float32 logits computed in bfloat16 carry bfloat16's rounding)
 TOLERANCE = {torch.float64: (1e-6, 1e-9), torch.float32: (1e-3, 1e-5), torch.bfloat16: (5e-2, 1e-3),
              torch.float16: (2e-2, 1e-3)}
 
@@ -137,7 +138,7 @@ class CompiledFunction:
             reference = self.fn(*_detached(args))
         _set_rng_state(after)
         _load_buffers(self.module, updated)  # ...and the buffers (batch norm statistics) are updated once
-        problem = _difference(out, reference)
+        problem = _difference(out, reference, _autocast_dtypes())
         if not problem:
             return out
         _set_rng_state(state)  # the eager result from the same random state, as if compilation had not been asked
@@ -202,8 +203,21 @@ def _leaves(value: Any) -> list[Tensor]:
     return []
 
 
-def _difference(out: Any, reference: Any) -> Optional[str]:
-    """Why ``out`` (compiled) is not ``reference`` (eager) within :data:`TOLERANCE`, or ``None``."""
+def _autocast_dtypes() -> list[torch.dtype]:
+    """The reduced dtypes autocast computes in now (a float32 output then carries their rounding)."""
+    dtypes = []
+    for device in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(device):
+                dtypes.append(torch.get_autocast_dtype(device))
+        except (TypeError, RuntimeError, AttributeError):  # torch < 2.4, or no CUDA build
+            continue
+    return dtypes
+
+
+def _difference(out: Any, reference: Any, autocast: Sequence[torch.dtype] = ()) -> Optional[str]:
+    """Why ``out`` (compiled) is not ``reference`` (eager) within :data:`TOLERANCE` (the loosest of the output's
+    dtype and the ``autocast`` dtypes it was computed in), or ``None``."""
     got, want = _leaves(out), _leaves(reference)
     if len(got) != len(want):
         return f"it returned {len(got)} tensors where eager returns {len(want)}"
@@ -215,6 +229,8 @@ def _difference(out: Any, reference: Any) -> Optional[str]:
                 return f"output {i} ({b.dtype}) differs from eager"
             continue
         rtol, atol = TOLERANCE.get(b.dtype, TOLERANCE[torch.float32])
+        for dtype in autocast:
+            rtol, atol = max(rtol, TOLERANCE[dtype][0]), max(atol, TOLERANCE[dtype][1])
         a, b = a.detach().double(), b.detach().double()
         finite = torch.isfinite(b)
         if not torch.equal(finite, torch.isfinite(a)):

@@ -183,6 +183,10 @@ class MetaLearner(L.LightningModule):
             self._compiled[name] = CompiledFunction(fn, self._compiler, f"{type(self).__name__}'s compiled {name}", self)
         return self._compiled[name]
 
+    def compiled_cores(self) -> list[str]:
+        """The names of the cores made so far for compilation (compiled, or run eagerly after a fallback)."""
+        return list(self._compiled)
+
     def compiled_fallbacks(self) -> dict[str, str]:
         """The cores that fell back to eager, with the reason (empty when all compiled cores run compiled)."""
         return {name: f.reason for name, f in self._compiled.items() if f.eager and f.reason}
