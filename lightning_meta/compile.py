@@ -62,8 +62,20 @@ def make_compiler(option: Union[bool, dict, None]) -> Optional[Compiler]:
     if unknown:
         raise ValueError(f"Unknown torch.compile arguments in `compile`: {sorted(unknown)}; the accepted ones are "
                          "mode, backend, dynamic, options and fullgraph.")
-    arguments = {"fullgraph": True, **option}
-    return lambda fn: torch.compile(fn, **arguments)
+    return TorchCompile({"fullgraph": True, **option})
+
+
+class TorchCompile:
+    """``torch.compile(fn, **arguments)`` as an object a learner can be pickled with (``ddp_spawn``, ``deepcopy``)."""
+
+    def __init__(self, arguments: dict) -> None:
+        self.arguments = arguments
+
+    def __call__(self, fn: Callable) -> Callable:
+        return torch.compile(fn, **self.arguments)
+
+    def __repr__(self) -> str:
+        return f"TorchCompile({self.arguments})"
 
 
 def unwrap_compiled(module: nn.Module) -> tuple[nn.Module, Optional[Compiler]]:
