@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 import lightning as L
+import torch
 
 from lightning_meta import MAML, EpisodicDataModule
 from lightning_meta.data import SyntheticGlyphs
@@ -51,6 +52,9 @@ def main(argv=None) -> None:
     if trainer.is_global_zero:
         print(f"world size {trainer.world_size}, {data.meta_batch_size} tasks per rank per step, "
               f"val/acc {float(trainer.callback_metrics['val/acc']):.3f}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # a clean exit: left to the interpreter's shutdown, gloo's threads once aborted a rank after a finished fit
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
