@@ -33,6 +33,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lightning_meta.checkpoint import rng_states, set_rng_states
+
 # (rtol, atol) of the first-call check against eager, per output dtype, relative to the largest eager magnitude:
 # compiled kernels reorder float sums (float32: relative differences ~1e-6 per op, ~1e-4 after a second-order inner
 # loop through four conv layers); half types carry 8 to 11 bits. Under autocast the loosest of the output's dtype
@@ -126,14 +128,14 @@ class CompiledFunction:
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.fn(*args)
-        state = _rng_state() if not self.checked else None
+        state = rng_states() if not self.checked else None
         before = _buffers(self.module) if not self.checked else None
         try:
             with _eager_random():
                 out = self.compiled(*args)
         except Exception as error:  # noqa: BLE001 -- decided below: eager raises too (bad input) or falls back
             if state is not None:
-                _set_rng_state(state)
+                set_rng_states(state)
                 _load_buffers(self.module, before)
             try:
                 out = self.fn(*args)
@@ -143,17 +145,17 @@ class CompiledFunction:
         if self.checked:
             return out
         self.checked = True
-        after, updated = _rng_state(), _buffers(self.module)
-        _set_rng_state(state)
+        after, updated = rng_states(), _buffers(self.module)
+        set_rng_states(state)
         _load_buffers(self.module, before)  # the reference starts where the compiled call started...
         with torch.no_grad():
             reference = self.fn(*_detached(args))
-        _set_rng_state(after)
+        set_rng_states(after)
         _load_buffers(self.module, updated)  # ...and the buffers (batch norm statistics) are updated once
         problem = _difference(out, reference, _autocast_dtypes())
         if not problem:
             return out
-        _set_rng_state(state)  # the eager result from the same random state, as if compilation had not been asked
+        set_rng_states(state)  # the eager result from the same random state, as if compilation had not been asked
         _load_buffers(self.module, before)
         return self._fall_back(problem, self.fn(*args))
 
@@ -254,17 +256,6 @@ def _difference(out: Any, reference: Any, autocast: Sequence[torch.dtype] = ()) 
                 return (f"output {i} differs from eager by {error:.3g} (tolerance {bound:.3g}: rtol {rtol} of the "
                         f"largest value plus atol {atol})")
     return None
-
-
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
 
 
 def _eager_random():
