@@ -251,7 +251,7 @@ def case_compile(steps: int, device: str, meta_batch: int = 32) -> None:
                                          ("compiled + CUDA graphs", {"mode": "reduce-overhead"}, "32-true"),
                                          ("compiled", True, "bf16-mixed"),
                                          ("compiled + CUDA graphs", {"mode": "reduce-overhead"}, "bf16-mixed")):
-            torch._dynamo.reset()
+            torch.compiler.reset()
             learner = cls(copy.deepcopy(net), inner_lr=0.4, task_parallel="vmap", compile=option)
             t, mem = with_peak(step_time, learner, data, precision, device=device)
             fallbacks = learner.compiled_fallbacks()

@@ -22,9 +22,9 @@ from lightning_meta.models import MLP, Conv4
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Each test compiles from scratch (dynamo caches compiled code per code object, across learners)."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     yield
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 def conv():
