@@ -45,3 +45,21 @@ def surely_finite(tensors: Iterable[Tensor]) -> bool:
             s = t.sum(dtype=torch.float32)
             total = s if total is None else total + s
         return total is None or bool(torch.isfinite(total))
+
+
+def check_embedding_width(z: Tensor) -> None:
+    """Raise when a backbone's flat embeddings ``[n, D]`` have no width (``D = 0``): every distance would be 0 and the
+    loss stay at ln N without an error. A shape check only, so it runs inside compiled functions without a graph
+    break.
+
+    Example:
+        >>> check_embedding_width(torch.zeros(3, 0))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: The backbone gives embeddings of width 0 (shape (3, 0)): every example would look the same. ...
+    """
+    if z.dim() >= 2 and z.shape[-1] == 0:
+        raise ValueError(
+            f"The backbone gives embeddings of width 0 (shape {tuple(z.shape)}): every example would look the same. A "
+            "torchvision classifier built with num_classes=0 keeps a 0-output layer: build it with its default classes "
+            "and replace the classifier, e.g. model.fc = nn.Identity().")

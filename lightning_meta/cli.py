@@ -2,6 +2,10 @@
 
     lightning-meta fit --config examples/configs/protonet_glyphs.yaml
     lightning-meta test --config examples/configs/protonet_glyphs.yaml --ckpt_path runs/.../last.ckpt
+    lightning-meta predict --config examples/configs/protonet_glyphs.yaml --ckpt_path runs/.../last.ckpt
+
+``predict`` writes the query outputs of every test episode to ``predictions.pt`` in the run's log folder (or
+``--trainer.default_root_dir`` without a logger) and prints where.
 
 Learners (``--model``), backbones and datasets are chosen by class path; ``--print_config`` shows every option.
 """
@@ -9,12 +13,33 @@ Learners (``--model``), backbones and datasets are chosen by class path; ``--pri
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Optional
 
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_meta.checkpoint import read_checkpoint
 from lightning_meta.data.datamodule import EpisodicDataModule
 from lightning_meta.learners.base import MetaLearner
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes a predict run's outputs to ``<log dir>/predictions.pt`` (``predictions_rank<R>.pt`` per process under
+    DDP): ``{"predictions": [one [B, M, N] logits tensor (or regression predictions) per meta-batch],
+    "batch_indices": [the episode indices of each]}``, to read back with ``torch.load``."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+        self.path: Optional[Path] = None
+
+    def write_on_epoch_end(self, trainer: Any, pl_module: Any, predictions: Any, batch_indices: Any) -> None:
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"predictions_rank{trainer.global_rank}.pt" if trainer.world_size > 1 else "predictions.pt"
+        self.path = root / name
+        torch.save({"predictions": predictions, "batch_indices": batch_indices}, self.path)
 
 
 class MetaCLI(LightningCLI):
@@ -29,6 +54,14 @@ class MetaCLI(LightningCLI):
         if path and Path(path).is_file():
             read_checkpoint(path, map_location="cpu", weights_only=True)
         super()._parse_ckpt_path()
+
+    def before_predict(self) -> None:
+        self.prediction_writer = PredictionWriter()
+        self.trainer.callbacks.append(self.prediction_writer)
+
+    def after_predict(self) -> None:
+        if self.prediction_writer.path is not None:
+            rank_zero_info(f"Predictions written to {self.prediction_writer.path}")
 
 
 def run(args=None) -> MetaCLI:

@@ -18,12 +18,14 @@ Three ways in, one mechanism (:meth:`~lightning_meta.MetaLearner.compiler`):
   and compiles its cores with those settings.
 
 Every core is compiled without graph breaks (``fullgraph=True`` where the options are the learner's own). Where
-compilation fails, or the first compiled result differs from the eager one beyond :data:`TOLERANCE`, the core runs
-eagerly from then on, after one warning that says why.
+compilation fails, or the first compiled result for a new input signature differs from the eager one beyond
+:data:`TOLERANCE` (its outputs, or their gradients where gradients flow: MAML's second-order backward), the core
+runs eagerly from then on, after one warning that says why.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -52,7 +54,8 @@ class CompileFallbackWarning(UserWarning):
 def make_compiler(option: Union[bool, dict, None]) -> Optional[Compiler]:
     """The learner option ``compile``: ``False``/``None`` (eager), ``True`` (``torch.compile`` defaults) or a dict of
     ``torch.compile`` keyword arguments (``mode``, ``backend``, ``dynamic``, ``options``). Graph breaks are errors
-    (``fullgraph=True``), so a core that cannot be captured whole falls back to eager with a warning."""
+    (``fullgraph=True``), so a core that cannot be captured whole falls back to eager with a warning; shapes are
+    static (``dynamic=False``) unless the dict says otherwise."""
     if option is None or option is False:
         return None
     if option is True:
@@ -64,7 +67,10 @@ def make_compiler(option: Union[bool, dict, None]) -> Optional[Compiler]:
     if unknown:
         raise ValueError(f"Unknown torch.compile arguments in `compile`: {sorted(unknown)}; the accepted ones are "
                          "mode, backend, dynamic, options and fullgraph.")
-    return TorchCompile({"fullgraph": True, **option})
+    # static shapes unless asked: episode shapes are fixed, and a new one (a last, uneven chunk of tasks) gets a
+    # graph of its own; torch 2.14's dynamic shapes under vmap fail on linear layers whose inputs have more than one
+    # feature dimension ("Cannot call sizes() on tensor with symbolic sizes")
+    return TorchCompile({"fullgraph": True, "dynamic": False, **option})
 
 
 class TorchCompile:
@@ -109,15 +115,19 @@ def compile_counts() -> CompileCounts:
 
 
 class CompiledFunction:
-    """``fn`` compiled by ``compiler`` on first use. The first call also runs ``fn`` eagerly from the same random
-    state and compares every floating output (:data:`TOLERANCE`); a mismatch, or a failure to compile, makes this
-    function run ``fn`` eagerly from then on, after one :class:`CompileFallbackWarning` naming ``name`` and the reason.
-    An error that eager ``fn`` raises too (bad input) is raised as it is, not taken for a compiler failure."""
+    """``fn`` compiled by ``compiler`` on first use. The first call with each new input signature (shapes, dtypes,
+    devices, which inputs need gradients, gradient mode, autocast: what makes a compiled graph new, e.g. a last,
+    uneven chunk of tasks) also runs ``fn`` eagerly from the same random state and compares every floating output
+    and, where gradients flow, the gradients of those outputs (one random direction, the same for both) with respect
+    to every input and parameter that requires them, taken through a second compiled call: what MAML needs from a
+    compiled inner loop is its second-order backward. A mismatch (:data:`TOLERANCE`), or a failure to compile, makes this function run ``fn`` eagerly from
+    then on, after one :class:`CompileFallbackWarning` naming ``name`` and the reason. An error that eager ``fn``
+    raises too (bad input) is raised as it is, not taken for a compiler failure."""
 
     def __init__(self, fn: Callable, compiler: Compiler, name: str, module: Optional[nn.Module] = None) -> None:
         self.fn, self.name, self.module = fn, name, module
         self.compiled: Optional[Callable] = compiler(_own_code(fn))
-        self.checked = False
+        self.checked: set = set()  # the input signatures whose first call was compared with eager
         self.reason: Optional[str] = None  # why it runs eagerly, once it does
 
     @property
@@ -128,8 +138,10 @@ class CompiledFunction:
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.fn(*args)
-        state = rng_states() if not self.checked else None
-        before = _buffers(self.module) if not self.checked else None
+        original, key = args, _signature(args)
+        first = key not in self.checked
+        state = rng_states() if first else None
+        before = _buffers(self.module) if first else None
         try:
             with _eager_random():
                 out = self.compiled(*args)
@@ -142,27 +154,121 @@ class CompiledFunction:
             except Exception as eager_error:  # bad input: the eager error, without the compiler's around it
                 raise eager_error.with_traceback(eager_error.__traceback__) from None
             return self._fall_back(f"torch.compile failed: {type(error).__name__}: {_first_line(error)}", out)
-        if self.checked:
+        if not first:
             return out
-        self.checked = True
+        self.checked.add(key)
         after, updated = rng_states(), _buffers(self.module)
         set_rng_states(state)
         _load_buffers(self.module, before)  # the reference starts where the compiled call started...
-        with torch.no_grad():
-            reference = self.fn(*_detached(args))
+        # the check differentiates copies of the inputs cut from their history (the caller's graph stays whole)
+        args, leaves = self._differentiable(args)
+        with torch.enable_grad() if leaves else torch.no_grad():
+            reference = self.fn(*(args if leaves else _detached(args)))
+        directions = _directions(reference) if leaves else None
+        expected = _gradients(reference, leaves, directions) if leaves else None  # before any buffer changes again
+        got = None
+        if leaves:  # the gradients from a second compiled call: the caller's backward runs on the first one's graph
+            set_rng_states(state)  # (inductor's backward may not keep its graph for a second backward)
+            _load_buffers(self.module, before)
+            with _eager_random():
+                got = _gradients(self.compiled(*args), leaves, directions)
         set_rng_states(after)
         _load_buffers(self.module, updated)  # ...and the buffers (batch norm statistics) are updated once
-        problem = _difference(out, reference, _autocast_dtypes())
+        autocast = _autocast_dtypes()
+        problem = _difference(out, reference, autocast)
+        if not problem and got is not None:
+            problem = _gradient_difference(got, expected, autocast)
         if not problem:
             return out
         set_rng_states(state)  # the eager result from the same random state, as if compilation had not been asked
         _load_buffers(self.module, before)
-        return self._fall_back(problem, self.fn(*args))
+        return self._fall_back(problem, self.fn(*original))
+
+    def _differentiable(self, args: tuple) -> tuple[tuple, list[Tensor]]:
+        """``args`` with every input that has a history (e.g. ANIL's embeddings, a learned rate picked by step) as a
+        copy cut from it, and the tensors gradients flow to: those copies, the leaf inputs and the parameters that
+        require gradients (none without gradient mode)."""
+        if not torch.is_grad_enabled():
+            return args, []
+        cut = _map(lambda t: t.detach().requires_grad_() if t.requires_grad and not t.is_leaf else t, args)
+        found: dict[int, Tensor] = {}
+        params = list(self.module.parameters()) if self.module is not None else []
+        for t in [*_leaves(cut), *params]:
+            if t.requires_grad and t.is_floating_point():
+                found.setdefault(id(t), t)
+        return cut, list(found.values())
 
     def _fall_back(self, reason: str, out: Any) -> Any:
         self.compiled, self.reason = None, reason
         warnings.warn(f"{self.name} runs eagerly: {reason}.", CompileFallbackWarning, stacklevel=3)
         return out
+
+
+def _signature(args: tuple) -> tuple:
+    """What makes a call new to a compiled graph: each input's shape, dtype, device and whether it needs gradients
+    (other values as they are), the gradient mode and autocast's dtypes."""
+
+    def describe(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return ("tensor", tuple(value.shape), value.dtype, value.device.type, value.requires_grad)
+        if isinstance(value, dict):
+            return tuple((k, describe(v)) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return tuple(describe(v) for v in value)
+        return repr(value)
+
+    return describe(args), torch.is_grad_enabled(), tuple(_autocast_dtypes())
+
+
+# the largest relative difference ||compiled - eager|| / ||eager|| of the gradient of a compiled core's outputs
+# (one vector over every input and parameter), per dtype, the loosest of the gradient's and autocast's: a second-order
+# gradient through a few layers sums many rounding errors, and its small entries (a bias before batch norm, whose true
+# gradient is 0) carry only rounding, so the whole vector's norm is the scale. Measured on CPU (tests/test_compile.py's
+# Conv4 MAML, compiled vs eager): float32 1e-6; bfloat16 autocast 0.005 on the task loop, 0.19 under vmap (batch
+# norm's float32 island reorders more there), so under half types only gross errors show
+GRADIENT_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3, torch.bfloat16: 0.35, torch.float16: 0.35}
+
+
+def _gradient_difference(got: Tensor, want: Tensor, autocast: Sequence[torch.dtype] = ()) -> Optional[str]:
+    """Why the compiled gradient vector ``got`` is not eager's ``want`` within :data:`GRADIENT_TOLERANCE`, or
+    ``None``."""
+    tolerance = max([GRADIENT_TOLERANCE.get(want.dtype, GRADIENT_TOLERANCE[torch.float32]),
+                     *(GRADIENT_TOLERANCE[d] for d in autocast)])
+    if not torch.equal(torch.isfinite(got), torch.isfinite(want)):
+        return "its gradient is non-finite in other places than eager's"
+    ok = torch.isfinite(want)
+    a, b = got[ok].double(), want[ok].double()
+    relative = ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+    if relative > tolerance:
+        return (f"its gradient (of every input and parameter, in one random direction of its outputs) differs from "
+                f"eager's by {relative:.3g} of its norm (tolerance {tolerance})")
+    return None
+
+
+def _directions(reference: Any) -> list[Optional[Tensor]]:
+    """One fixed random direction per differentiable floating output of ``reference`` (zero where it is not finite,
+    e.g. a diverged task), ``None`` for the others: the same for the compiled and the eager outputs."""
+    generator = torch.Generator().manual_seed(0)
+    directions: list[Optional[Tensor]] = []
+    for b in _leaves(reference):
+        if not (b.is_floating_point() and b.requires_grad):
+            directions.append(None)
+            continue
+        v = torch.randn(b.shape, generator=generator, dtype=torch.float64).to(device=b.device, dtype=b.dtype)
+        directions.append(torch.where(torch.isfinite(b.detach()), v, torch.zeros_like(v)))
+    return directions
+
+
+def _gradients(outputs: Any, leaves: list[Tensor], directions: list[Optional[Tensor]]) -> Tensor:
+    """The gradient of ``outputs`` in ``directions`` with respect to ``leaves``, as one float64 vector (one scale for
+    the whole gradient: a parameter whose true gradient is zero, a bias before batch norm, carries only rounding)."""
+    dtype = functools.reduce(torch.promote_types, [p.dtype for p in leaves])  # compared at the leaves' precision
+    pairs = [(o.nan_to_num(), v) for o, v in zip(_leaves(outputs), directions) if v is not None and o.requires_grad]
+    if not pairs:
+        return torch.zeros(sum(p.numel() for p in leaves), dtype=dtype)
+    grads = torch.autograd.grad([o for o, _ in pairs], leaves, [v for _, v in pairs], allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).detach().to(dtype).flatten().cpu()
+                      for g, p in zip(grads, leaves)])
 
 
 def _own_code(fn: Callable) -> Callable:

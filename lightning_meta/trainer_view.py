@@ -37,3 +37,26 @@ def take_over_compilation(module: Any) -> Optional[Any]:
 
     to_uncompiled(module)
     return ctx["dynamo_ctx"]
+
+
+def swa_updates_only_running_statistics(trainer: Any) -> None:
+    """Lightning's ``StochasticWeightAveraging`` adds an epoch that recomputes batch norm's running statistics for the
+    averaged weights, and asserts that every batch norm has them. A batch norm without running statistics (the MAML
+    family's: every task normalises with its own support statistics) has nothing to recompute: the callback's
+    batch-norm test is narrowed to batch norms that keep running statistics, so it averages the weights and adds no
+    epoch for such a model."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+    from torch import nn
+
+    def keeps_running_statistics(pl_module: Any) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+                   for m in pl_module.modules())
+
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, StochasticWeightAveraging):
+            callback.pl_module_contains_batch_norm = keeps_running_statistics
+
+
+def accumulating(trainer: Any) -> bool:
+    """Whether the current training batch only accumulates gradients (no optimizer step after it)."""
+    return trainer is not None and bool(trainer.fit_loop.epoch_loop._should_accumulate())

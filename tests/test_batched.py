@@ -4,6 +4,7 @@ meta-gradients, float16 loss scaling, shared (unadapted) layers, and the cases i
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from lightning_meta.functional import batched_chain, batched_chain_grads, per_task_loss, scaled_grad
 
@@ -78,9 +79,40 @@ def test_shared_layers_flatten_and_loss_scale():
 def test_chains_it_cannot_differentiate_by_hand_go_back_to_autograd():
     assert batched_chain_grads(nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))) is None
     assert batched_chain_grads(nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3))) is None
-    net = chain(nn.ReLU())
-    x = torch.randn(4, 7, 2, 6)  # a linear layer would see [B, n, 2, 6]: not covered, the caller uses autograd
-    assert batched_chain_grads(net)(stacked(net), x, torch.randint(0, 3, (4, 7)), 1.0, True) is None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_inputs_with_several_feature_dimensions_meet_each_task_s_own_weights(bias):
+    # a sequence [B, n, L, F] through linear layers, B == n: a broadcasting matmul would pair task t with example t
+    # (vmap vs loop 8e-2 apart before, and `batch1 must be a 3D tensor` with a bias); the reference runs each task
+    # alone through the module itself
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16, bias=bias), nn.Tanh(), nn.Flatten(), nn.Linear(5 * 16, 4, bias=bias))
+    b = n = 4
+    x, y = torch.randn(b, n, 5, 3), torch.randint(0, 4, (b, n))
+    params = {k: (p.detach() + 0.3 * torch.randn(b, *p.shape)).requires_grad_() for k, p in net.named_parameters()}
+    own = [{k: v[t] for k, v in params.items()} for t in range(b)]
+    want = torch.stack([functional_call(net, own[t], (x[t],)) for t in range(b)])
+    torch.testing.assert_close(batched_chain(net)(params, x), want, atol=1e-6, rtol=1e-5)
+    grads, losses = batched_chain_grads(net)(params, x, y, 1.0, True)
+    for t in range(b):
+        loss = nn.functional.cross_entropy(functional_call(net, own[t], (x[t],)), y[t])
+        torch.testing.assert_close(losses[t], loss.detach(), atol=1e-6, rtol=1e-5)
+        for k, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            torch.testing.assert_close(grads[k][t], g[t], atol=1e-6, rtol=1e-5)
+
+
+def test_an_in_place_activation_after_one_whose_output_is_kept_gives_autograd_s_gradient():
+    # Tanh keeps its output for its backward; LeakyReLU(inplace=True) would overwrite it (4.3e-3 off before)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LeakyReLU(0.2, inplace=True), nn.Linear(8, 3)).double()
+    x, y = torch.randn(4, 7, 6, dtype=torch.float64), torch.randint(0, 3, (4, 7))
+    params = stacked(net)
+    grads, _ = batched_chain_grads(net)(params, x, y, 1.0, True)
+    plain = nn.Sequential(net[0], nn.Tanh(), nn.LeakyReLU(0.2), net[3])  # the same weights, out of place
+    want, _ = reference(plain, params, x, y)
+    for k in params:
+        torch.testing.assert_close(grads[k], want[k], atol=1e-12, rtol=1e-10)
 
 
 def test_modules_that_do_not_run_their_plain_forward_are_not_batched():

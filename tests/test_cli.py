@@ -88,6 +88,12 @@ def test_each_subcommand_exits_zero_on_success_and_non_zero_on_failure(tmp_path)
     for sub in ("validate", "test", "predict"):
         done = command(sub, *common, f"--ckpt_path={ckpt}", cwd=tmp_path)
         assert done.returncode == 0, f"{sub}: {done.stderr[-3000:]}"
+    # predict keeps its outputs where it says (before: exit 0 and nothing kept)
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "Predictions written to" in line]
+    assert len(said) == 1, done.stdout + done.stderr
+    written = torch.load(said[0].split("Predictions written to ")[1].strip(), weights_only=True)
+    assert sum(p.shape[0] for p in written["predictions"]) == 8  # the 8 test episodes, one row of predictions each
+    assert all(p.dim() == 2 and torch.isfinite(p).all() for p in written["predictions"])  # [B, M] sine values
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"PK\x03\x04 truncated")
     failed = command("test", *common, f"--ckpt_path={broken}", cwd=tmp_path)

@@ -290,3 +290,56 @@ class _no_fallback:
 
     def __exit__(self, *exc):
         return self._catch.__exit__(*exc)
+
+
+def _backward_off_by(factor, after_compiles=0):
+    """A backend whose forward is exact and whose backward is off by ``factor``, from its ``after_compiles``-th
+    compilation on (the first ones exact)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    compiles = []
+
+    def forward(graph, example_inputs):
+        compiles.append(graph)
+        return graph
+
+    def backward(graph, example_inputs):
+        off = len(compiles) > after_compiles
+
+        def run(*args):
+            outs = graph(*args)
+            return [o * factor if off and isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in outs]
+
+        run._boxed_call = getattr(graph, "_boxed_call", False)
+        return run
+
+    return aot_autograd(fw_compiler=forward, bw_compiler=backward)
+
+
+def test_a_compiled_inner_loop_whose_meta_gradient_differs_from_eager_falls_back_to_eager():
+    # before: the first-call check compared the forward only (under no_grad), so a wrong second-order backward
+    # (what MAML takes from the compiled graph) trained on silently
+    torch.manual_seed(0)
+    eager = MAML(MLP(4, (8,), 3), inner_lr=0.3, task_parallel="vmap").double()
+    compiled = MAML(MLP(4, (8,), 3), inner_lr=0.3, task_parallel="vmap",
+                    compile={"backend": _backward_off_by(1.01)}).double()
+    compiled.load_state_dict(eager.state_dict())
+    batch = episode((4,))
+    with pytest.warns(CompileFallbackWarning, match=r"inner loop .* runs eagerly: its gradient \(of every input and "
+                                                    r"parameter.*\) differs from eager's by 0.01 of its norm"):
+        loss = compiled.training_step(batch, 0)
+    want = eager.training_step(batch, 0)
+    torch.testing.assert_close(loss, want, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(loss, list(compiled.parameters())),
+                    torch.autograd.grad(want, list(eager.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_every_new_input_signature_is_checked_not_only_the_first_call():
+    # a last, uneven chunk (meta-batch 5 in chunks of 2) compiles a second graph: its first call is checked too
+    torch.manual_seed(0)
+    compiled = MAML(MLP(4, (8,), 3), inner_lr=0.3, task_parallel="vmap", task_chunk=2,
+                    compile={"backend": _backward_off_by(1.01, after_compiles=1)}).double()
+    five = episode((4,), b=5)
+    with pytest.warns(CompileFallbackWarning, match=r"differs from eager"):
+        compiled.training_step(five, 0)

@@ -104,6 +104,24 @@ def test_a_nan_on_one_rank_makes_every_rank_skip_the_meta_batch_as_one_process_d
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["accumulate", "accumulate_scaler"])
+def test_a_skipped_meta_batch_under_gradient_accumulation_is_the_one_process_skip(tmp_path, mode):
+    # batch 2 opens an accumulation window of 2 and batch 5 closes one, NaN on the last rank only. One process adds
+    # nothing for a skipped batch and keeps the window's other gradients (in float32 it steps on them; under a
+    # gradient scaler Lightning skips a step whose last batch was skipped, and the scaler's update). Before, DDP
+    # dropped every gradient of the window (or made them NaN and halved the scale) instead
+    r0, r1 = _skip_run(tmp_path, mode, 2)
+    (single,) = _skip_run(tmp_path, mode, 1)
+    assert r0["global_step"] == r1["global_step"] == single["global_step"] == 3
+    tol = 1e-5 if mode == "accumulate" else 1e-4  # float16 autocast rounds meta-batches of 2 and 4 differently
+    for a, b, c in zip(r0["weights"], r1["weights"], single["weights"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, c, atol=tol, rtol=tol)
+    if mode == "accumulate_scaler":
+        assert r0["scaler"] == r1["scaler"] == single["scaler"]
+        assert single["scaler"]["scale"] == 2.0**10  # no overflow here: a skipped step does not halve it
+
+
 def test_a_nan_on_one_rank_stops_every_rank_in_raise_mode(tmp_path):
     r0, r1 = _skip_run(tmp_path, "raise", 2)
     assert "is finite here but not on another process at global step 1" in r0["error"]

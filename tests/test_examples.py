@@ -25,10 +25,11 @@ def test_existing_project_example(tmp_path):
     assert "5-way 1-shot:" in out and list(tmp_path.rglob("metrics.csv")) and list(tmp_path.rglob("*.ckpt"))
 
 
-def test_distributed_example_on_two_cpu_processes(tmp_path):
-    out = run("distributed.py", "--accelerator", "cpu", "--devices", "2", "--global-meta-batch", "4", "--fast",
-              cwd=tmp_path)
-    assert "world size 2, 2 tasks per rank per step" in out
+def test_distributed_example_on_two_cpu_processes_with_its_documented_flags(tmp_path):
+    # its own documented command (global meta-batch 32): before, it stopped at setup (8 validation episodes in
+    # meta-batches of 16 for 2 processes)
+    out = run("distributed.py", "--accelerator", "cpu", "--devices", "2", "--fast", cwd=tmp_path)
+    assert "world size 2, 16 tasks per rank per step" in out
 
 
 def test_wandb_example_offline_writes_the_run_with_images(tmp_path):

@@ -153,12 +153,13 @@ def test_batched_linear_chain_matches_generic_vmap_in_outputs_and_meta_gradients
     ep = episode(b=4)
     fast = cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=first_order, task_parallel="vmap")
     generic = cls(copy.deepcopy(net), inner_lr=0.3, inner_steps=2, first_order=first_order, task_parallel="vmap")
-    assert fast.engine.chain is not None
-    generic.engine.chain = generic.engine.chain_grads = None  # torch.func.vmap over functional_call
+    assert fast.engine.network(fast.adapted_module()).chain is not None
+    generic.engine.batched_chain = False  # torch.func.vmap over functional_call
     torch.testing.assert_close(fast(ep), generic(ep), atol=1e-6, rtol=1e-5)
     fast.train(), generic.train()
     assert_grads_close(our_meta_grads(fast, ep), our_meta_grads(generic, ep), atol=1e-6)
-    assert MAML(Conv4(out_features=5), inner_lr=0.4).engine.chain is None  # convolutions: generic path
+    conv = MAML(Conv4(out_features=5), inner_lr=0.4)
+    assert conv.engine.network(conv.backbone).chain is None  # convolutions: generic path
 
 
 def test_auto_picks_vmap_without_convolutions_and_a_loop_with_them():
@@ -166,8 +167,9 @@ def test_auto_picks_vmap_without_convolutions_and_a_loop_with_them():
     assert not MAML(Conv4(out_features=5), inner_lr=0.4).use_vmap
     assert MAML(Conv4(out_features=5), inner_lr=0.4, task_parallel="vmap").use_vmap
     assert ANIL(Conv4(out_features=5), inner_lr=0.4).use_vmap  # only the linear head is adapted
-    on_gpu = MAML(Conv4(out_features=5), inner_lr=0.4).engine  # on a GPU vmap wins for convolutions too
-    assert on_gpu.use_vmap(torch.device("cuda", 0)) and not on_gpu.use_vmap(torch.device("cpu"))
+    on_gpu = MAML(Conv4(out_features=5), inner_lr=0.4)  # on a GPU vmap wins for convolutions too
+    module = on_gpu.adapted_module()
+    assert on_gpu.engine.use_vmap(module, torch.device("cuda", 0)) and not on_gpu.engine.use_vmap(module, torch.device("cpu"))
     assert not MAML(Conv4(out_features=5), inner_lr=0.4, task_parallel="loop").use_vmap
 
 
@@ -325,6 +327,26 @@ def test_maml_plus_plus_per_step_rates_multi_step_loss_and_order_annealing():
     assert w.sum().item() == pytest.approx(1.0) and w[-1] > w[0]
     assert not model.first_order_now()  # epoch 3 >= first_order_epochs
     assert model.inner_lrs["head__weight"].ne(0.2).any()  # the per-step rates were learned
+
+
+def test_metasgd_with_per_step_rates_learns_one_rate_per_element_and_step():
+    # before: per_step_lr=True was accepted and ignored by MetaSGD (one rate per element for every step)
+    model = MetaSGD(MLP(8, (16,), 3), inner_lr=0.2, inner_steps=2, per_step_lr=True)
+    assert model.inner_lrs["head__weight"].shape == (2, 3, 16)
+    loss = model.training_step(episode(), 0)
+    grads = torch.autograd.grad(loss, list(model.inner_lrs.values()))
+    assert all(g[0].abs().sum() > 0 and g[1].abs().sum() > 0 for g in grads)  # each step's rates get a gradient
+    assert all(not torch.allclose(g[0], g[1]) for g in grads)
+
+
+def test_per_step_rates_are_refused_for_steps_they_did_not_learn():
+    with pytest.raises(ValueError, match=r"per_step_lr=True learns one inner rate per step for inner_steps=2 steps, so "
+                                         r"eval_inner_steps=5 would take steps that have no learned rate"):
+        MAML(MLP(8, (16,), 3), inner_lr=0.2, inner_steps=2, eval_inner_steps=5, per_step_lr=True)
+    model = MAML(MLP(8, (16,), 3), inner_lr=0.2, inner_steps=2, per_step_lr=True)
+    with pytest.raises(ValueError, match=r"learned rates for 2 inner steps; step 3 has none"):
+        model.step_outputs(episode(), steps=3)
+    assert model.step_outputs(episode(), steps=2).shape[1] == 3
 
 
 def test_reference_mlp_initialization_follows_the_maml_authors_code():

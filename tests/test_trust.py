@@ -400,3 +400,79 @@ def test_image_callbacks_leave_the_users_matplotlib_backend_alone(tmp_path):
     finally:
         matplotlib.use(before)
 
+
+
+# ---------------------------------------------------------------------------------------------- second review (#21)
+class HeadFirst(nn.Module):
+    """A valid network that registers its 16-output head before its 5-output body layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(5, 16)
+        self.body = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_a_maml_head_wider_than_the_episodes_way_is_refused_from_its_outputs():
+    # before: the width came from the last registered nn.Linear (5 here), so 5-way episodes trained a
+    # 16-way classifier without a word, and adapt() returned [M, 16] logits for a 5-way task
+    ep = episode(n=5)
+    learner = MAML(HeadFirst(), inner_lr=0.3)
+    message = r"5-way episode but the model's head has 16 outputs.*out_features=5.*allow_wider_head=True"
+    with pytest.raises(ValueError, match=message):
+        learner.training_step(ep, 0)
+    with pytest.raises(ValueError, match=message):
+        learner.adapt(ep.support_x[0], ep.support_y[0])(ep.query_x[0])
+    wide = MAML(HeadFirst(), inner_lr=0.3, allow_wider_head=True)  # asked for: trains
+    assert torch.isfinite(wide.training_step(ep, 0))
+    assert wide.adapt(ep.support_x[0], ep.support_y[0])(ep.query_x[0]).shape == (15, 16)
+    with pytest.raises(ValueError, match=r"5-way episode but the model's head has 3 outputs"):
+        MAML(MLP(8, (16,), 3), inner_lr=0.3, allow_wider_head=True).training_step(ep, 0)  # narrower: never
+
+
+def test_a_zero_width_embedding_is_an_error_not_a_chance_level_accuracy():
+    # before: torchvision's resnet18(num_classes=0) trained ProtoNet at loss ln 5, accuracy 0.200 +- 0.0, no error
+    torchvision = pytest.importorskip("torchvision")
+    g = torch.Generator().manual_seed(0)
+    ep = Episode(torch.rand(1, 5, 3, 32, 32, generator=g), torch.arange(5)[None], torch.rand(1, 5, 3, 32, 32, generator=g),
+                 torch.arange(5)[None])
+    message = r"embeddings of width 0.*model.fc = nn.Identity\(\)"
+    with pytest.raises(ValueError, match=message):
+        ProtoNet(torchvision.models.resnet18(num_classes=0)).training_step(ep, 0)
+    with pytest.raises(ValueError, match=message):
+        ProtoNet(torchvision.models.resnet18(num_classes=0)).adapt(ep.support_x[0], ep.support_y[0])
+    with pytest.raises(ValueError, match=message):
+        AttentionLearner(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 0)), embedding_dim=4, dim=8,
+                         heads=2).training_step(ep, 0)
+
+
+def test_protonet_adapt_refuses_non_finite_embeddings():
+    learner = ProtoNet(nn.Sequential(nn.Linear(4, 4)))
+    with torch.no_grad():
+        learner.backbone[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite \(NaN or infinite\) embeddings"):
+        learner.adapt(torch.rand(4, 4), torch.tensor([0, 1, 0, 1]))
+
+
+@pytest.mark.parametrize("name", ["protonet", "maml"])
+def test_adapt_names_bad_labels_in_the_users_terms(name):
+    learner = ProtoNet(nn.Flatten()) if name == "protonet" else MAML(MLP(4, (8,), 5), inner_lr=0.1)
+    with pytest.raises(TypeError, match=r"support labels as integers 0..N-1.*got strings.*names.index"):
+        learner.adapt(torch.rand(2, 4), ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"labels \{3, 4, 5, 6, 7\} \(5 classes\): number them 0..4 first.*unique"):
+        learner.adapt(torch.rand(5, 4), torch.tensor([3, 4, 5, 6, 7]))
+    with pytest.raises(ValueError, match=r"got 6 examples \(shape \(6, 4\)\) and 5 labels \(shape \(5,\)\)"):
+        learner.adapt(torch.rand(6, 4), torch.tensor([0, 1, 2, 3, 4]))
+
+
+def test_loading_the_base_class_names_the_learner_to_load_with(tmp_path):
+    model = MetaSGD(MLP(8, (16,), 3), inner_lr=0.3)
+    t = trainer(max_steps=1, default_root_dir=tmp_path)
+    t.fit(model, blob_data())
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    with pytest.raises(TypeError, match=r"MetaLearner is the base class.*holds a MetaSGD, so load it with "
+                                        r"MetaSGD.load_from_checkpoint\(path\)"):
+        MetaLearner.load_from_checkpoint(tmp_path / "c.ckpt")
+    assert isinstance(MetaSGD.load_from_checkpoint(tmp_path / "c.ckpt"), MetaSGD)

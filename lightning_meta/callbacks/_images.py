@@ -8,9 +8,13 @@ import numpy as np
 
 
 def figure_dir(trainer, name: str) -> Path:
-    """``<log dir or default_root_dir>/<name>``: next to the run's logs when there is a logger."""
-    root = trainer.log_dir or trainer.default_root_dir
-    path = Path(root) / name
+    """``<the run's folder>/<name>``: the logger's version folder (TensorBoard, CSV: ``lightning_logs/version_N``),
+    the W&B run's own folder (``wandb/run-.../``; Lightning's ``log_dir`` would be W&B's ``save_dir``, by default the
+    working directory), or without a logger ``default_root_dir``."""
+    run = getattr(trainer.loggers[0], "experiment", None) if trainer.loggers else None
+    run_dir = getattr(run, "dir", None) if type(run).__module__.startswith("wandb") else None
+    root = Path(run_dir).parent if isinstance(run_dir, str) else Path(trainer.log_dir or trainer.default_root_dir)
+    path = root / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 

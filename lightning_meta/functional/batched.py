@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_meta.functional.episode import full_precision
+from lightning_meta.functional.episode import full_precision, unscaled
 
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Identity,
                nn.Dropout)
@@ -30,8 +30,7 @@ ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.
 _aten = torch.ops.aten
 _DERIVATIVES: dict[type, Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]] = {
     nn.ReLU: lambda m, d, z, h: _aten.threshold_backward(d.to(h.dtype), h, 0),
-    nn.LeakyReLU: lambda m, d, z, h: _aten.leaky_relu_backward(d.to(h.dtype), h if m.inplace else z, m.negative_slope,
-                                                                m.inplace),
+    nn.LeakyReLU: lambda m, d, z, h: _aten.leaky_relu_backward(d.to(h.dtype), z, m.negative_slope, False),
     nn.Tanh: lambda m, d, z, h: _aten.tanh_backward(d.to(h.dtype), h),
     nn.Sigmoid: lambda m, d, z, h: _aten.sigmoid_backward(d.to(h.dtype), h),
     nn.Identity: lambda m, d, z, h: d,
@@ -82,12 +81,20 @@ def _chain(module: nn.Module) -> Optional[list]:
 
 
 def _linear(params: dict[str, Tensor], layer: nn.Linear, wname: str, bname: Optional[str], h: Tensor) -> Tensor:
+    """One linear layer on ``h [B, n, ..., F]`` with each task's own weights (``[B, O, F]``, or the shared ``[O, F]``):
+    the example dimensions are flattened into one, so the task dimension always meets the task's weights (a
+    broadcasting matmul of ``[B, n, L, F]`` with ``[B, F, O]`` would pair the tasks with the examples)."""
     weight = params.get(wname, layer.weight)
     bias = params.get(bname, layer.bias) if bname is not None else None
-    if weight.dim() == 3 and bias is not None and bias.dim() == 2:
-        return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-    h = torch.matmul(h, weight.transpose(-1, -2))
-    return h if bias is None else h + (bias.unsqueeze(-2) if bias.dim() == 2 else bias)
+    flat = h.reshape(h.shape[0], -1, h.shape[-1])  # [B, n * ..., F]
+    if weight.dim() == 3:
+        out = (torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2)) if bias is not None and bias.dim() == 2
+               else torch.bmm(flat, weight.transpose(1, 2)))
+    else:
+        out = torch.matmul(flat, weight.t())
+    if bias is not None and not (weight.dim() == 3 and bias.dim() == 2):
+        out = out + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
+    return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
 def batched_chain(module: nn.Module) -> Optional[BatchedForward]:
@@ -115,12 +122,18 @@ def batched_chain(module: nn.Module) -> Optional[BatchedForward]:
             if kind == "flatten":
                 h = h.flatten(2)
             elif kind == "elementwise":
-                h = layer(h)
+                h = _apply(layer, h)
             else:
                 h = _linear(params, layer, wname, bname, h)
         return h
 
     return forward
+
+
+def _apply(layer: nn.Module, h: Tensor) -> Tensor:
+    """An elementwise module on ``h``, never in place: an in-place activation (``LeakyReLU(inplace=True)``) would
+    overwrite its input, which the previous module's backward may need (``Tanh`` keeps its output)."""
+    return layer(h.clone()) if getattr(layer, "inplace", False) else layer(h)
 
 
 def _loss_and_grad(out: Tensor, y: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -156,11 +169,11 @@ def batched_chain_grads(module: nn.Module) -> Optional[BatchedGrads]:
 
     ``grads(params, x, y, scale, create_graph)`` returns ``(gradients of the summed per-task support losses with
     respect to params, per-task losses [B])`` -- what :func:`~lightning_meta.functional.scaled_grad` returns for
-    ``per_task_loss(forward(params, x), y)`` -- or ``None`` for inputs it does not cover (a linear layer that sees
-    other than ``[B, n, features]``), where the caller falls back to autograd. The gradients are built from
+    ``per_task_loss(forward(params, x), y)`` -- for inputs ``[B, n, ...]`` of any number of feature dimensions (a
+    sequence ``[B, n, L, F]`` through linear layers), or ``None`` for a chain without a linear layer. The gradients are built from
     differentiable operations, so with ``create_graph`` the outer loop differentiates through them (second order);
     without, they are computed without a graph (first order). ``scale`` is the float16 loss scale: the backward pass
-    runs on ``scale * loss`` and the gradients are divided by ``scale`` in float32.
+    runs on ``scale * loss`` and the gradients are divided by ``scale`` in the wider of float32 and their dtype.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -175,19 +188,17 @@ def batched_chain_grads(module: nn.Module) -> Optional[BatchedGrads]:
     steps = _chain(module)
     if steps is None or any(kind == "elementwise" and type(layer) not in _DERIVATIVES for kind, layer, _, _ in steps):
         return None
-    kinds = [kind for kind, _, _, _ in steps if kind != "elementwise"]
-    flattens_first = bool(kinds) and kinds[0] == "flatten"
     first_linear = next((i for i, (kind, _, _, _) in enumerate(steps) if kind == "linear"), None)
 
     def grads(params: dict[str, Tensor], x: Tensor, y: Tensor, scale: float, create_graph: bool):
-        if first_linear is None or not (x.dim() == 3 or flattens_first):
+        if first_linear is None:
             return None
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
             saved, h = _chain_forward(steps, params, x)
             losses, d = _loss_and_grad(h, y, scale)
             out = _chain_backward(steps, params, saved, d, first_linear)
         grads = {k: out[k] if k in out else torch.zeros_like(p) for k, p in params.items()}  # zeros: unused by the loss
-        return {k: g.float() / scale if scale != 1.0 else g.to(params[k].dtype) for k, g in grads.items()}, losses
+        return {k: unscaled(g, scale) if scale != 1.0 else g.to(params[k].dtype) for k, g in grads.items()}, losses
 
     return grads
 
@@ -200,7 +211,7 @@ def _chain_forward(steps: list, params: dict[str, Tensor], x: Tensor) -> tuple[l
             saved.append(h.shape)
             h = h.flatten(2)
         elif kind == "elementwise":
-            z, h = h, layer(h)
+            z, h = h, _apply(layer, h)
             saved.append((z, h))
         else:
             saved.append(h)
@@ -210,7 +221,8 @@ def _chain_forward(steps: list, params: dict[str, Tensor], x: Tensor) -> tuple[l
 
 def _chain_backward(steps: list, params: dict[str, Tensor], saved: list, d: Tensor, first_linear: int) -> dict:
     """Backpropagate ``d`` (the loss gradient at the outputs) down to the first linear layer: the gradients of the
-    parameters in ``params`` (a parameter used in several places gets the sum over its uses)."""
+    parameters in ``params`` (a parameter used in several places gets the sum over its uses). A linear layer's
+    example dimensions are flattened into one, as :func:`_linear` runs it."""
     out: dict[str, Tensor] = {}
     for i in range(len(steps) - 1, first_linear - 1, -1):
         kind, layer, wname, bname = steps[i]
@@ -220,10 +232,13 @@ def _chain_backward(steps: list, params: dict[str, Tensor], saved: list, d: Tens
             d = _DERIVATIVES[type(layer)](layer, d, *saved[i])
         else:
             weight = params.get(wname, layer.weight)
+            flat_d = d.reshape(d.shape[0], -1, d.shape[-1])  # [B, n * ..., O]
             if wname in params:
-                _accumulate(out, wname, torch.bmm(d.transpose(1, 2), saved[i]))
+                h = saved[i]
+                _accumulate(out, wname, torch.bmm(flat_d.transpose(1, 2), h.reshape(h.shape[0], -1, h.shape[-1])))
             if bname in params:
-                _accumulate(out, bname, d.sum(1))
+                _accumulate(out, bname, flat_d.sum(1))
             if i > first_linear:
-                d = torch.bmm(d, weight) if weight.dim() == 3 else torch.matmul(d, weight)
+                w = weight if weight.dim() == 3 else weight.expand(d.shape[0], *weight.shape)
+                d = torch.bmm(flat_d, w).reshape(*d.shape[:-1], w.shape[-1])
     return out

@@ -13,6 +13,10 @@ queries. It owns the choices that make MAML fast or lean, and nothing else:
 - **precision**: the inner loss scale (float16), the outer scale of streamed gradients (a gradient scaler's), and
   batch norm in float32 under autocast (:func:`norms_in_float32`).
 
+The engine holds its configuration only, never a module or anything built from one: every call is given the
+module and derives what it needs from it then (:class:`Network`), so a deep copy, a pickle, a layer conversion or a
+``load_state_dict`` of the learner can never run stale modules.
+
 The learner (:class:`~lightning_meta.MAML`) decides the rest: which parameters adapt, their rates, how many steps,
 first or second order, and what the meta-loss is.
 """
@@ -20,6 +24,8 @@ first or second order, and what the meta-loss is.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -29,7 +35,7 @@ from torch import Tensor, nn
 
 from lightning_meta._checks import check_choice
 from lightning_meta.functional.batched import batched_chain, batched_chain_grads
-from lightning_meta.functional.episode import per_task_loss, target_ndim
+from lightning_meta.functional.episode import per_task_loss, target_ndim, unscaled
 from lightning_meta.functional.inner_loop import (
     LearningRates,
     Params,
@@ -125,7 +131,18 @@ def _removed_after(handles: list) -> Iterator[None]:
 
 
 def batch_norms(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """The batch norms of ``module``, which the MAML family normalises task by task. ``SyncBatchNorm`` (what
+    ``Trainer(sync_batchnorm=True)`` converts them to) is refused: it pools the statistics of every process, whose
+    tasks differ."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    sync = [m for m in norms if isinstance(m, nn.SyncBatchNorm)]
+    if sync:
+        raise ValueError(
+            f"The backbone has {len(sync)} SyncBatchNorm layer(s): synchronised batch norm pools the batch statistics "
+            "of every process, but each process adapts to its own tasks, so every task would be normalised with other "
+            "tasks' examples (and the MAML family already normalises each task by its own statistics). Remove "
+            "`sync_batchnorm=True` from the Trainer (or don't convert the backbone's batch norms).")
+    return norms
 
 
 BATCH_NORM = ("support", "transductive")
@@ -199,102 +216,169 @@ def predict_queries(forward: Callable, params: Params, support_x: Tensor, query_
     return out.narrow(dim, support, query_x.shape[dim])
 
 
+@dataclass
+class Network:
+    """What the engine derives from a module for one call, and never keeps: ``forward(params, x)``
+    (:func:`~lightning_meta.functional.functional_forward`), the batched linear chain and its hand-written gradient
+    where the module is such a chain (else ``None``), its batch norms, and whether it has convolutions.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+        >>> found = Network.of(net)
+        >>> found.chain is None, len(found.norms), found.has_conv   # batch norm is not a chain link
+        (True, 1, False)
+    """
+
+    forward: Callable[[Params, Tensor], Tensor]
+    chain: Optional[Callable]
+    chain_grads: Optional[Callable]
+    norms: list[nn.Module]
+    has_conv: bool
+
+    @classmethod
+    def of(cls, module: nn.Module, chain: bool = True) -> Network:
+        """Derive from ``module`` now (``chain=False``: no batched chain, ``vmap`` over ``functional_call``)."""
+        norms = batch_norms(module)
+        fast = batched_chain(module) if chain else None
+        return cls(functional_forward(module), fast, batched_chain_grads(module) if fast is not None else None, norms,
+                   any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()))
+
+
+@contextlib.contextmanager
+def out_of_place(module: nn.Module) -> Iterator[None]:
+    """For the duration, the modules of ``module`` with an ``inplace`` flag (``ReLU(inplace=True)``, ...) compute out of
+    place: the same values, but an in-place activation after one whose output its backward needs (``Tanh ->
+    LeakyReLU(inplace=True)``) would overwrite that output, which autograd refuses and a hand-written gradient would
+    silently get wrong. The inner loop keeps every activation for its second-order backward anyway."""
+    flagged = [m for m in module.modules() if getattr(m, "inplace", None) is True]
+    for m in flagged:
+        m.inplace = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.inplace = True
+
+
 class MetaBatchEngine:
-    """Runs the inner loops of a meta-batch of tasks on ``module`` (see the module docstring).
+    """Runs the inner loops of a meta-batch of tasks on the module it is given (see the module docstring). It keeps
+    its configuration only: each call derives what it needs from the module passed to it.
 
     Args:
-        module: the network whose parameters adapt (MAML: the backbone; ANIL: its head).
         task_parallel: ``"vmap"``, ``"loop"`` or ``"auto"`` (vmap on a GPU, and on a CPU for networks without
             convolutions, whose vmapped form is slower there than a loop; ``benchmarks/bench_gpu.py`` measures it).
         task_chunk: tasks per chunk when streaming (``None``: the whole meta-batch under vmap, one task on the loop).
         batch_norm: how queries are normalised (:func:`predict_queries`): ``"support"`` or ``"transductive"``.
+        batched_chain: under vmap, run a chain of linear layers and elementwise modules by
+            :func:`~lightning_meta.functional.batched_chain` and its hand-written gradient (the same numbers, faster);
+            ``False``: ``torch.func.vmap`` over ``functional_call`` for every network.
 
     Example:
         >>> from lightning_meta.models import MLP
         >>> net = MLP(1, (8,), 1)
-        >>> engine = MetaBatchEngine(net, task_parallel="vmap")
+        >>> engine = MetaBatchEngine(task_parallel="vmap")
         >>> params = dict(net.named_parameters())
         >>> sx, sy, qx = torch.randn(4, 5, 1), torch.randn(4, 5), torch.randn(4, 3, 1)
-        >>> adapted, _ = engine.run(params, lambda s: dict.fromkeys(params, 0.1), sx, sy, qx, steps=2)
+        >>> adapted, _ = engine.run(net, params, lambda s: dict.fromkeys(params, 0.1), sx, sy, qx, steps=2)
         >>> adapted.outputs.shape, adapted.losses.shape      # [B, T=1, M, 1], [B, steps]
         (torch.Size([4, 1, 3, 1]), torch.Size([4, 2]))
     """
 
-    def __init__(self, module: nn.Module, task_parallel: str = "auto", task_chunk: Optional[int] = None,
-                 batch_norm: str = "support") -> None:
+    def __init__(self, task_parallel: str = "auto", task_chunk: Optional[int] = None, batch_norm: str = "support",
+                 batched_chain: bool = True) -> None:
         check_choice("task_parallel", task_parallel, TASK_PARALLEL)
         check_choice("batch_norm", batch_norm, BATCH_NORM)
-        self.module, self.task_parallel, self.task_chunk = module, task_parallel, task_chunk
-        self.batch_norm = batch_norm
-        self.forward = functional_forward(module)  # (params, x) -> outputs; shared weights replaced in every use
-        self.chain = batched_chain(module)  # a fast vmap replacement for linear/activation chains, or None
-        self.chain_grads = batched_chain_grads(module) if self.chain is not None else None
-        self.norms = batch_norms(module)
-        self.has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+        self.task_parallel, self.task_chunk = task_parallel, task_chunk
+        self.batch_norm, self.batched_chain = batch_norm, batched_chain
 
-    def use_vmap(self, device: torch.device) -> bool:
-        """Whether the tasks run under one ``vmap`` (else a loop) on ``device``."""
+    def network(self, module: nn.Module) -> Network:
+        """What this engine runs ``module`` with, derived now."""
+        return Network.of(module, self.batched_chain)
+
+    def use_vmap(self, module: nn.Module, device: torch.device) -> bool:
+        """Whether the tasks run under one ``vmap`` (else a loop) for ``module`` on ``device``."""
         if self.task_parallel != "auto":
             return self.task_parallel == "vmap"
-        return not self.has_conv or torch.device(device).type == "cuda"
+        return torch.device(device).type == "cuda" or not any(
+            isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
-    def streams(self, device: torch.device) -> bool:
+    def streams(self, module: nn.Module, device: torch.device) -> bool:
         """Whether training streams here: on the loop always, under vmap when ``task_chunk`` splits the meta-batch."""
-        return not self.use_vmap(device) or self.task_chunk is not None
+        return not self.use_vmap(module, device) or self.task_chunk is not None
 
-    def run(self, params: Params, rates: LearningRates, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-            steps: int, first_order: bool = False, loss_scale: float = 1.0, trajectory: str = "last",
+    def run(self, module: nn.Module, params: Params, rates: LearningRates, support_x: Tensor, support_y: Tensor,
+            query_x: Tensor, steps: int, first_order: bool = False, loss_scale: float = 1.0, trajectory: str = "last",
             share: Optional[Share] = None, leaves: Sequence[Tensor] = (), outer_scale: float = 1.0,
             compiled: Optional[Compiled] = None) -> tuple[Adapted, Optional[Streamed]]:
-        """Adapt ``params`` (shared by all tasks) to each task ``[B, n, ...]`` and predict its queries.
+        """Adapt ``params`` (parameters of ``module``, by name, shared by all tasks) to each task ``[B, n, ...]`` and
+        predict its queries.
 
         ``trajectory``: the query outputs after the last step (``"last"``), after every step (``"all"``), or also
         before the first (``"all_and_initial"``). With ``share``, each chunk's meta-loss terms are differentiated
         with respect to ``leaves`` as soon as the chunk is done (scaled by ``outer_scale``, e.g. a gradient scaler's
-        scale, and unscaled in float32); the outputs then come back detached with the :class:`Streamed` sums.
+        scale, and unscaled in the wider of float32 and the gradient's dtype); the outputs then come back detached
+        with the :class:`Streamed` sums.
 
         ``compiled`` (``(name, fn) -> compiled fn``): run each task's, or each vmapped chunk's, whole inner loop and
         query pass as one compiled function (:meth:`compiled_core`); the same numbers, and the same choices of
         vmap, chunks and streaming, as the eager paths."""
         check_choice("trajectory", trajectory, TRAJECTORIES)
-        vmap = self.use_vmap(support_x.device)
+        net = self.network(module)
+        vmap = self.use_vmap(module, support_x.device)
         b = support_x.shape[0]
         chunk = (self.task_chunk or (b if vmap else 1)) if share is not None else b
         stream = _Stream(share, list(leaves), outer_scale) if share is not None else None
         results = []
-        with norms_in_float32(self.norms):
+        with out_of_place(module), norms_in_float32(net.norms):
             for lo in range(0, b, chunk):
                 tasks = slice(lo, min(lo + chunk, b))
-                run = (self._vmap if vmap else self._loop) if compiled is None else self._compiled_run(compiled, vmap)
+                if compiled is not None:
+                    run = self._compiled_run(module, net, compiled, vmap)
+                else:
+                    run = functools.partial(self._vmap if vmap else self._loop, net)
                 out, losses, finite = run(params, rates, support_x[tasks], support_y[tasks], query_x[tasks], steps,
                                           first_order, loss_scale, trajectory)
                 results.append((stream.take(tasks, out) if stream else out, losses, finite))
         outputs, losses, finite = (torch.cat(r) for r in zip(*results))
         return Adapted(outputs, losses, finite), (stream.result() if stream else None)
 
-    def _vmap(self, params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
+    def adapt(self, module: nn.Module, params: Params, rates: LearningRates, support_x: Tensor, support_y: Tensor,
+              steps: int, loss_scale: float = 1.0) -> tuple[list[Params], Tensor, Tensor]:
+        """One task ``[n, ...]``, first order (deployment): :func:`~lightning_meta.functional.inner_adapt` on
+        ``module``, as :meth:`run` adapts each task in evaluation."""
+        net = self.network(module)
+        with out_of_place(module), norms_in_float32(net.norms):
+            return inner_adapt(net.forward, params, support_x, support_y, steps, rates, True, loss_scale)
+
+    def predict(self, module: nn.Module, params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
+        """One task's query outputs with ``params`` (adapted) in ``module``, batch norm as this engine's mode says."""
+        net = self.network(module)
+        with out_of_place(module), norms_in_float32(net.norms):
+            return predict_queries(net.forward, params, support_x, query_x, net.norms, self.batch_norm)
+
+    def _vmap(self, net, params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
         """Every task of the chunk at once: one batched call per layer, one autograd call per inner step."""
-        forward = self.chain or torch.func.vmap(self.forward, randomness="different")
+        forward = net.chain or torch.func.vmap(net.forward, randomness="different")
         batched = {n: p.expand(sx.shape[0], *p.shape) for n, p in params.items()}
         path, losses, finite = inner_adapt_batched(forward, batched, sx, sy, steps, rates, first_order, loss_scale,
-                                                   self.chain_grads)
-        outputs = [predict_queries(forward, p, sx, qx, self.norms, self.batch_norm, dim=1) for p in _pick(path, trajectory)]
+                                                   net.chain_grads)
+        outputs = [predict_queries(forward, p, sx, qx, net.norms, self.batch_norm, dim=1) for p in _pick(path, trajectory)]
         return torch.stack(outputs, 1), losses, finite
 
-    def _loop(self, params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
+    def _loop(self, net, params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
         """One task after another, each with ``torch.autograd.grad`` (cheaper per call than ``torch.func.grad``)."""
         per_task = []
         for i in range(sx.shape[0]):
-            path, losses, finite = inner_adapt(self.forward, params, sx[i], sy[i], steps, rates, first_order,
+            path, losses, finite = inner_adapt(net.forward, params, sx[i], sy[i], steps, rates, first_order,
                                                loss_scale, engine="autograd")
-            outputs = [predict_queries(self.forward, p, sx[i], qx[i], self.norms, self.batch_norm)
+            outputs = [predict_queries(net.forward, p, sx[i], qx[i], net.norms, self.batch_norm)
                        for p in _pick(path, trajectory)]
             per_task.append((torch.stack(outputs), losses, finite))
         out, losses, finite = (torch.stack(r) for r in zip(*per_task))
         return out, losses, finite
 
-
-    def compiled_core(self, vmap: bool, steps: int, first_order: bool, loss_scale: float, trajectory: str) -> Callable:
+    def compiled_core(self, module: nn.Module, vmap: bool, steps: int, first_order: bool, loss_scale: float,
+                      trajectory: str) -> Callable:
         """The pure function a compiled run compiles: ``core(params, rates, support_x, support_y, query_x) ->
         (query outputs [T, M, ...], support losses [steps], finite [steps])`` for one task (``[n, ...]`` inputs), or
         with a leading task dimension on inputs and results under ``vmap``. ``rates``: one ``{name: rate}`` per step.
@@ -302,7 +386,11 @@ class MetaBatchEngine:
         second-order meta-gradient is that graph's ordinary backward; no ``.item()``, no ``autograd.grad``, no graph
         break. Batch norm runs under the :func:`support_statistics` hooks that :meth:`run` installs around the call;
         in ``"support"`` mode the queries run behind their support rows."""
-        forward, support_norm = self.forward, self.batch_norm == "support" and bool(self.norms)
+        return self._core(self.network(module), vmap, steps, first_order, loss_scale, trajectory)
+
+    def _core(self, net: Network, vmap: bool, steps: int, first_order: bool, loss_scale: float,
+              trajectory: str) -> Callable:
+        forward, support_norm = net.forward, self.batch_norm == "support" and bool(net.norms)
 
         def core(params: Params, rates: list, sx: Tensor, sy: Tensor, qx: Tensor):
             ndim = target_ndim(sy, 0)
@@ -320,14 +408,16 @@ class MetaBatchEngine:
 
         return torch.func.vmap(core, in_dims=(None, None, 0, 0, 0), randomness="different") if vmap else core
 
-    def _compiled_run(self, compiled: Compiled, vmap: bool) -> Callable:
+    def _compiled_run(self, module: nn.Module, net: Network, compiled: Compiled, vmap: bool) -> Callable:
         def run(params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
+            # the module's own layers are part of the name: a converted or replaced layer compiles anew
+            layers = hashlib.sha1(repr([(id(m), type(m).__name__) for m in module.modules()]).encode()).hexdigest()[:8]
             name = (f"inner loop ({'vmap' if vmap else 'one task'}, {steps} steps, "
                     f"{'first' if first_order else 'second'} order, loss scale {loss_scale}, outputs {trajectory}, "
-                    f"batch norm {self.batch_norm})")
-            core = compiled(name, self.compiled_core(vmap, steps, first_order, loss_scale, trajectory))
+                    f"batch norm {self.batch_norm}, layers {layers})")
+            core = compiled(name, self._core(net, vmap, steps, first_order, loss_scale, trajectory))
             per_step = [rates(step) for step in range(steps)]
-            with support_statistics(self.norms, sx.shape[1] if self.batch_norm == "support" else None):
+            with support_statistics(net.norms, sx.shape[1] if self.batch_norm == "support" else None):
                 if vmap:
                     return core(params, per_step, sx, sy, qx)
                 results = [core(params, per_step, sx[i], sy[i], qx[i]) for i in range(sx.shape[0])]
@@ -357,7 +447,7 @@ class _Stream:
         grads = torch.autograd.grad(share * self.scale, self.leaves, allow_unused=True)
         for j, g in enumerate(grads):
             if g is not None:
-                g = g.float() / self.scale if self.scale != 1.0 else g
+                g = unscaled(g, self.scale)
                 self.sums[j] = g if self.sums[j] is None else self.sums[j] + g
         self.total = self.total + share.detach()
         return outputs.detach()  # the graph of these tasks is freed here

@@ -75,3 +75,16 @@ def episode_accuracy(logits: Tensor, targets: Tensor) -> Tensor:
         tensor([0.6667])
     """
     return (logits.argmax(-1) == targets).float().mean(-1)
+
+
+def unscaled(grad: Tensor, scale: float) -> Tensor:
+    """``grad / scale`` in the wider of float32 and ``grad``'s dtype: a float16 gradient is unscaled in float32 (its
+    small values would underflow again), a float64 one in float64 (float32 would round it to 1e-8).
+
+    Example:
+        >>> g = torch.tensor([1.0 + 1e-12], dtype=torch.float64) * 1024
+        >>> unscaled(g, 1024.0).item() - 1.0 > 0          # float32 would have rounded it to exactly 1.0
+        True
+    """
+    return grad.to(torch.promote_types(grad.dtype, torch.float32)) / scale if scale != 1.0 else grad
+

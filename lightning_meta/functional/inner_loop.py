@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from lightning_meta._checks import check_choice, surely_finite
 from lightning_meta.functional.batched import BatchedGrads
-from lightning_meta.functional.episode import per_task_loss, target_ndim
+from lightning_meta.functional.episode import per_task_loss, target_ndim, unscaled
 
 Params = dict[str, Tensor]
 Forward = Callable[[Params, Tensor], Tensor]  # (params, inputs) -> outputs
@@ -80,7 +80,7 @@ def scaled_grad(
         values = torch.autograd.grad(scaled_loss, list(params.values()), create_graph=create_graph)
         grads = dict(zip(params, values))
     if scale != 1.0:
-        grads = {k: g.float() / scale for k, g in grads.items()}
+        grads = {k: unscaled(g, scale) for k, g in grads.items()}
     return grads, loss
 
 

@@ -37,7 +37,6 @@ class ANIL(MAML):
                 "(e.g. Conv4(out_features=N)); got a backbone without them."
             )
         super().__init__(backbone, *args, **kwargs)
-        self.body_norms = batch_norms(backbone)
 
     def adapted_module(self) -> nn.Module:
         return self.backbone.head
@@ -66,10 +65,11 @@ class ANIL(MAML):
         def run(x: Tensor) -> Tensor:
             return batched(x) if use_vmap else torch.stack([one(t) for t in x])
 
-        with norms_in_float32(self.body_norms):
-            if self.batch_norm == "transductive" or not self.body_norms:
+        norms = batch_norms(self.backbone)  # derived on each call: a copied or converted backbone runs its own
+        with norms_in_float32(norms):
+            if self.batch_norm == "transductive" or not norms:
                 return run(support_x), run(query_x)
             s = support_x.shape[1]  # one pass: the support rows are normalised by their own statistics anyway
-            with support_statistics(self.body_norms, s):
+            with support_statistics(norms, s):
                 both = run(torch.cat([support_x, query_x], 1))
             return both[:, :s], both[:, s:]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_meta._checks import check_int
+from lightning_meta._checks import check_embedding_width, check_int
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional import class_prototypes
 from lightning_meta.learners.base import MetaLearner, TaskPredictor
@@ -143,6 +143,7 @@ class AttentionLearner(MetaLearner):
         ``n_way`` unused): a pure tensor function (compiled with ``compile=True``)."""
         b, s, m = sx.shape[0], sx.shape[1], qx.shape[1]
         features = self.backbone(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)])).flatten(1)
+        check_embedding_width(features)
         if features.shape[1] != self.input.in_features:
             raise ValueError(
                 f"The backbone gives embeddings of size {features.shape[1]}, but the AttentionLearner was built with "

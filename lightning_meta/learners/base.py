@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import lightning as L
@@ -44,6 +45,15 @@ class TaskPredictor:
 
     def __call__(self, query_x: Tensor) -> Tensor:
         return self._predict(query_x)
+
+
+@dataclass
+class _Skip:
+    """A training step skipped under DDP: whether it ends an accumulation window (an optimizer step follows), and the
+    parameters that had no gradient just before its backward."""
+
+    ends_window: bool
+    without_gradient: list[Tensor] = field(default_factory=list)
 
 
 class MetaLearner(L.LightningModule):
@@ -109,7 +119,8 @@ class MetaLearner(L.LightningModule):
         self.diverged = nn.ModuleDict({f"{stage}_diverged": EpisodeCount() for stage in STAGES})
         self._regression: Optional[bool] = None
         self._pending_rng: Optional[dict] = None
-        self._drop_gradients = False  # set by a step skipped under DDP, for on_after_backward
+        self._skip: Optional[_Skip] = None  # a step skipped under DDP, for on_after_backward
+        self._scaler_state: Optional[dict] = None  # the gradient scaler before a skipped step, restored after it
 
     # ------------------------------------------------------------------ what subclasses implement
     def forward_episode(self, batch: Episode) -> Tensor:
@@ -243,23 +254,43 @@ class MetaLearner(L.LightningModule):
         self._log_step(batch, self.forward_episode(batch).detach(), stage)
 
     def _skipped_loss(self) -> Optional[Tensor]:
-        """What a skipped training step returns: ``None`` in one process. Under DDP every rank must join the gradient
-        all-reduce (Lightning refuses ``None`` there), so all ranks return a zero loss of every trainable parameter
-        and :meth:`on_after_backward` then takes the gradients away: no parameter moves (under a gradient scaler they
-        become NaN, so the scaler skips the step as it skips an overflow)."""
+        """What a skipped training step returns: ``None`` in one process, where Lightning then runs no backward: the
+        meta-batch adds nothing to the gradients, and where it ends an accumulation window the optimizer still steps
+        on what the window's other meta-batches gave (under a gradient scaler, Lightning skips that step and the
+        scaler's update instead). Under DDP every rank must join the gradient all-reduce (Lightning refuses ``None``
+        there), so all ranks return a zero loss of every trainable parameter, whose gradient adds exactly nothing, and
+        :meth:`on_after_backward` makes the rest equal to one process: gradients that this backward created are taken
+        away again, and under a scaler at the end of a window the step is skipped (NaN gradients) and the scaler's
+        state restored (:meth:`on_train_batch_end`)."""
         if self._trainer is None or self.trainer.world_size == 1:
             return None
-        self._drop_gradients = True
+        self._skip = _Skip(ends_window=not trainer_view.accumulating(self._trainer))
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     @override
+    def on_before_backward(self, loss: Tensor) -> None:
+        if self._skip is not None:  # after Lightning's zero_grad, which runs after the training step
+            self._skip.without_gradient = [p for p in self.parameters() if p.requires_grad and p.grad is None]
+
+    @override
     def on_after_backward(self) -> None:
-        if self._drop_gradients:
-            self._drop_gradients = False
-            scaler = trainer_view.gradient_scaler(self._trainer)
+        skip, self._skip = self._skip, None
+        if skip is None:
+            return
+        for p in skip.without_gradient:  # zeros from the skipped meta-batch's backward: as if it had none
+            p.grad = None
+        scaler = trainer_view.gradient_scaler(self._trainer)
+        if scaler is not None and skip.ends_window:  # one process: no optimizer step, no scaler update
+            self._scaler_state = scaler.state_dict()
             for p in self.parameters():
                 if p.grad is not None:
-                    p.grad = torch.full_like(p.grad, float("nan")) if scaler is not None else None
+                    p.grad = torch.full_like(p.grad, float("nan"))
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._scaler_state is not None:  # the scaler saw a skipped step: its scale and growth are as before it
+            trainer_view.gradient_scaler(self._trainer).load_state_dict(self._scaler_state)
+            self._scaler_state = None
 
     def _all_finite(self, loss: Tensor) -> bool:
         """Whether the meta-loss is finite on every process: under DDP all ranks take the same decision (skip, or
@@ -331,6 +362,7 @@ class MetaLearner(L.LightningModule):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO()
+        trainer_view.swa_updates_only_running_statistics(self.trainer)
         compiler = trainer_view.take_over_compilation(self)
         if compiler is not None:  # trainer.fit(torch.compile(learner)): the cores, not the step methods
             self.use_compiler(compiler)
@@ -338,6 +370,7 @@ class MetaLearner(L.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lightning_meta_rng"] = rng_states()
+        checkpoint["lightning_meta_learner"] = f"{type(self).__module__}.{type(self).__qualname__}"
         spec = backbone_spec(self.backbone)
         if spec is not None:  # lets load_from_checkpoint rebuild the backbone without being given one
             checkpoint["lightning_meta_backbone"] = spec
@@ -361,6 +394,15 @@ class MetaLearner(L.LightningModule):
         backbone is rebuilt from the checkpoint when it is one of :mod:`lightning_meta.models` (they record their
         arguments); for any other module pass it again: ``load_from_checkpoint(path, backbone=MyNet(...))``."""
         checkpoint = read_checkpoint(checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only"))
+        if cls is MetaLearner:
+            saved = checkpoint.get("lightning_meta_learner")
+            name = saved.rsplit(".", 1)[-1] if saved else None
+            raise TypeError(
+                "MetaLearner is the base class of the learners and cannot be loaded itself: "
+                + (f"{checkpoint_path} holds a {name}, so load it with {name}.load_from_checkpoint(path) "
+                   f"(from {saved.rsplit('.', 1)[0]})." if saved else
+                   f"load {checkpoint_path} with the learner class that saved it, e.g. MAML.load_from_checkpoint(path) "
+                   "(MAML, ANIL, MetaSGD, ProtoNet, AttentionLearner or Pretrainer)."))
         if "backbone" not in kwargs and not args:
             spec = checkpoint.get("lightning_meta_backbone")
             if spec is None:
@@ -440,8 +482,26 @@ class MetaLearner(L.LightningModule):
             yield
 
     def _single_task(self, support_x: Tensor, support_y: Tensor) -> tuple[Episode, int]:
-        """Check one task's support set and return it as a meta-batch of one, with its number of ways."""
+        """Check one task's support set and return it as a meta-batch of one, with its number of ways. Errors speak of
+        the task the user passed (no meta-batch dimension)."""
+        if isinstance(support_y, (list, tuple)) and any(isinstance(v, str) for v in support_y):
+            raise TypeError("`adapt` takes the support labels as integers 0..N-1 (or float targets), but got strings: "
+                            "number the classes first, e.g. names = sorted(set(labels)); "
+                            "support_y = torch.tensor([names.index(n) for n in labels]).")
         support_x, support_y = self.as_inputs(support_x, "support_x"), as_targets(support_y, "support_y")
+        if support_x.dim() == 0 or support_y.dim() == 0 or len(support_x) != len(support_y):
+            raise ValueError(
+                f"`adapt` takes one task: support_x [n, ...] with one label or target per example in support_y, but got "
+                f"{len(support_x) if support_x.dim() else 'a scalar'} examples (shape {tuple(support_x.shape)}) and "
+                f"{len(support_y) if support_y.dim() else 'a scalar'} labels (shape {tuple(support_y.shape)}).")
+        if not support_y.is_floating_point() and support_y.dim() == 1 and len(support_y):
+            classes = torch.unique(support_y)
+            if classes[0] != 0 or classes[-1] != len(classes) - 1:
+                shown = ", ".join(str(int(c)) for c in classes[:8]) + (", ..." if len(classes) > 8 else "")
+                raise ValueError(
+                    f"`adapt` takes the support labels as 0..N-1 for N classes, but got the labels {{{shown}}} "
+                    f"({len(classes)} classes): number them 0..{len(classes) - 1} first, e.g. "
+                    "support_y = torch.unique(support_y, return_inverse=True)[1] (and map predictions back the same way).")
         if support_y.dim() != 1 and not (support_y.is_floating_point() and support_y.dim() == 2):
             raise ValueError(
                 f"`adapt` takes one task without a batch dimension: support_y must be [N*K] labels or targets, or "

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from lightning_meta import trainer_view
 from lightning_meta._checks import check_choice, check_int, check_positive
 from lightning_meta.data.episode import Episode
-from lightning_meta.functional.engine import BATCH_NORM, Adapted, MetaBatchEngine, Streamed, batch_norms, predict_queries
+from lightning_meta.functional.engine import BATCH_NORM, Adapted, MetaBatchEngine, Streamed, batch_norms
 from lightning_meta.functional.episode import like_targets, msl_weights, per_task_loss, target_ndim
-from lightning_meta.functional.inner_loop import Params, inner_adapt
+from lightning_meta.functional.inner_loop import Params
 from lightning_meta.learners.base import MetaLearner, TaskPredictor
 
 
@@ -40,7 +40,9 @@ class MAML(MetaLearner):
         eval_inner_steps: inner steps in validation, testing and :meth:`adapt` (default: ``inner_steps``).
         first_order: drop second-order terms (FOMAML).
         learn_inner_lr: learn one inner rate per parameter tensor (per layer).
-        per_step_lr: MAML++ LSLR: learn one rate per parameter tensor and per inner step.
+        per_step_lr: MAML++ LSLR: learn one rate per parameter tensor and per inner step (with :class:`MetaSGD`, one
+            per parameter element and per step). There is a learned rate for each of the ``inner_steps`` steps only,
+            so ``eval_inner_steps`` may not be larger.
         multi_step_loss: MAML++ MSL: the meta-loss weighs the query loss after every inner step, annealed to the last
             step over ``msl_epochs`` epochs.
         first_order_epochs: MAML++ derivative-order annealing: first order for the first epochs, then second.
@@ -63,6 +65,9 @@ class MAML(MetaLearner):
             Few-Shot Classification"): no class is favoured before adaptation, and the first inner step makes the head
             a prototype classifier of the support features, which the body is meta-trained for. The head's
             parameters are then zeros, not trained; it suits a body pretrained with :class:`Pretrainer`.
+        allow_wider_head: a backbone with more outputs than an episode has classes is refused (it would train as a
+            wider classifier without a word); ``True`` allows it, e.g. one head for episodes of varying way (the
+            outputs past the episode's classes are then trained as classes that never appear).
         **kwargs: optimizer, scheduler and ``nonfinite`` options of :class:`MetaLearner`.
 
     Example:
@@ -82,7 +87,8 @@ class MAML(MetaLearner):
                  per_step_lr: bool = False, multi_step_loss: bool = False, msl_epochs: int = 10,
                  first_order_epochs: int = 0, task_parallel: str = "auto", task_chunk: Optional[int] = None,
                  stream_meta_gradients: bool = True, inner_loss_scale: Optional[float] = None,
-                 batch_norm: str = "support", zero_head: bool = False, **kwargs) -> None:
+                 batch_norm: str = "support", zero_head: bool = False, allow_wider_head: bool = False,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"Expected `backbone` to be an nn.Module, but got {type(backbone).__name__}.")
@@ -95,6 +101,11 @@ class MAML(MetaLearner):
                 check_int(name, value, 1)
         if inner_loss_scale is not None:
             check_positive("inner_loss_scale", inner_loss_scale)
+        if per_step_lr and eval_inner_steps is not None and eval_inner_steps > inner_steps:
+            raise ValueError(
+                f"per_step_lr=True learns one inner rate per step for inner_steps={inner_steps} steps, so "
+                f"eval_inner_steps={eval_inner_steps} would take steps that have no learned rate: set "
+                f"eval_inner_steps <= {inner_steps}, raise inner_steps, or use learn_inner_lr=True (one rate for every step).")
         self.backbone = backbone = self.plain_backbone(backbone)
         for norm in batch_norms(backbone):  # per-task statistics, as in Finn et al.'s reference code
             norm.track_running_stats = False
@@ -115,15 +126,15 @@ class MAML(MetaLearner):
                     self.zeroed_names.append(f"{prefix}{name}")
                     p.detach().zero_()
                     p.requires_grad_(False)
-        self.engine = MetaBatchEngine(module, task_parallel, task_chunk, batch_norm)
+        self.engine = MetaBatchEngine(task_parallel, task_chunk, batch_norm)
+        self._checked_widths: set = set()  # kinds of episode whose output width check_output_width has seen
         self.inner_lrs = nn.ParameterDict()
         if learn_inner_lr or per_step_lr or self.meta_sgd:
             for name, p in module.named_parameters():
-                if name in self.adapted_names:
-                    shape = p.shape if self.meta_sgd else (inner_steps if per_step_lr else 1,)
+                if name in self.adapted_names:  # Meta-SGD: [steps,] + the parameter's shape; else [steps or 1]
+                    steps_dim = (inner_steps,) if per_step_lr else ()
+                    shape = (*steps_dim, *p.shape) if self.meta_sgd else (steps_dim or (1,))
                     self.inner_lrs[name.replace(".", "__")] = nn.Parameter(torch.full(shape, float(inner_lr)))
-        linears = [m for m in backbone.modules() if isinstance(m, nn.Linear)]
-        self.out_features = linears[-1].out_features if linears else None
 
     # ------------------------------------------------------------------ what adapts, at which rates
     def adapted_module(self) -> nn.Module:
@@ -141,11 +152,17 @@ class MAML(MetaLearner):
         return support_x, query_x
 
     def inner_rates(self, step: int) -> dict[str, Tensor | float]:
-        """The inner learning rate of each adapted parameter at inner step ``step``."""
+        """The inner learning rate of each adapted parameter at inner step ``step`` (a float, a learned scalar, or
+        with :class:`MetaSGD` a tensor shaped like the parameter)."""
         if not len(self.inner_lrs):
             return dict.fromkeys(self.adapted_names, float(self.hparams.inner_lr))
+        if self.hparams.per_step_lr and step >= self.hparams.inner_steps:
+            raise ValueError(f"per_step_lr=True learned rates for {self.hparams.inner_steps} inner steps; step "
+                             f"{step + 1} has none: adapt for at most inner_steps={self.hparams.inner_steps} steps.")
         rates = {n: self.inner_lrs[n.replace(".", "__")] for n in self.adapted_names}
-        return rates if self.meta_sgd else {n: lr[min(step, lr.shape[0] - 1)] for n, lr in rates.items()}
+        if self.hparams.per_step_lr:
+            return {n: lr[step] for n, lr in rates.items()}
+        return rates if self.meta_sgd else {n: lr[0] for n, lr in rates.items()}
 
     def no_weight_decay(self) -> list[nn.Parameter]:
         return list(self.inner_lrs.parameters())
@@ -164,13 +181,13 @@ class MAML(MetaLearner):
     @property
     def use_vmap(self) -> bool:
         """Whether the tasks of a meta-batch run under one ``vmap`` on this learner's device (else a loop)."""
-        return self.engine.use_vmap(self.device)
+        return self.engine.use_vmap(self.adapted_module(), self.device)
 
     @property
     def streams(self) -> bool:
         """Whether training takes meta-gradients chunk by chunk (peak memory of one chunk's graph): the tasks are
         independent given the initialization, so the sum of their meta-gradients is the meta-batch's."""
-        return bool(self.hparams.stream_meta_gradients) and self.engine.streams(self.device)
+        return bool(self.hparams.stream_meta_gradients) and self.engine.streams(self.adapted_module(), self.device)
 
     # ------------------------------------------------------------------ precision and schedule
     @property
@@ -219,14 +236,16 @@ class MAML(MetaLearner):
             sx, qx = self.encode(sx, qx)
             if not training:
                 sx, qx = sx.detach(), qx.detach()
+            self.check_output_width(sx, sy)
             share = (lambda tasks, out: self.task_meta_losses(out, qy[tasks]).sum() / qy.shape[0]) if stream else None
             adapted, streamed = self.engine.run(
-                self.adapted_params(), self.inner_rates, sx, sy, qx,
+                self.adapted_module(), self.adapted_params(), self.inner_rates, sx, sy, qx,
                 self.hparams.inner_steps if training else steps or self.eval_inner_steps,
                 first_order=not training or self.first_order_now(), loss_scale=self.inner_scale,
                 trajectory=trajectory or ("all" if multi else "last"), share=share,
                 leaves=[p for p in self.parameters() if p.requires_grad], outer_scale=self.meta_gradient_scale,
                 compiled=self.compiled if self.compiler is not None else None)
+            self.check_outputs(adapted.outputs[:, 0], batch.support_y)
             dropped = self.check_inner_loop(adapted, evaluating=not training)
             if dropped is not None:
                 mask = dropped.view(-1, *[1] * (adapted.outputs.dim() - 1))
@@ -273,17 +292,42 @@ class MAML(MetaLearner):
             "`inner_lr`, use `inner_loss_scale` under float16, or check the inputs."
         )
 
-    def check_episode(self, batch: Episode) -> int:
-        n_way = super().check_episode(batch)
-        heads = self.out_features
-        if heads is not None and not batch.is_regression and heads != n_way:
-            raise ValueError(f"This is a {n_way}-way episode but the model's head has {heads} outputs: build the "
-                             f"backbone with out_features={n_way}, or sample {heads}-way episodes.")
-        size = batch.support_y.shape[2] if batch.support_y.dim() == 3 else 1
-        if heads is not None and batch.is_regression and heads != size:
-            raise ValueError(f"This regression episode has targets of size {size} per example but the model's head "
-                             f"has {heads} outputs: build the backbone with out_features={size}.")
-        return n_way
+    def check_output_width(self, support_x: Tensor, support_y: Tensor) -> None:
+        """:meth:`check_outputs` before the inner loop runs, once per kind of episode: the adapted module on one
+        support example (twice, for batch norm), without gradients, in evaluation mode, random streams untouched."""
+        labels = None if support_y.is_floating_point() else int(support_y.max())
+        key = (tuple(support_x.shape[2:]), support_x.dtype, tuple(support_y.shape[2:]), labels)
+        if key in self._checked_widths:
+            return
+        example = support_x[0, :1].expand(2, *support_x.shape[2:])
+        devices = [example.device] if example.device.type == "cuda" else []
+        with torch.no_grad(), self.mode(training=False), torch.random.fork_rng(devices=devices):
+            out = self.adapted_module()(example)
+        self.check_outputs(out[None], support_y)
+        self._checked_widths.add(key)
+
+    def check_outputs(self, outputs: Tensor, support_y: Tensor) -> None:
+        """The backbone's outputs ``[B, M, ...]`` fit the episodes' targets ``[B, n, ...]``: N logits for N-way
+        classification (more only with ``allow_wider_head``), one output per target value for regression."""
+        width = tuple(outputs.shape[2:])
+        if support_y.is_floating_point():
+            size = tuple(support_y.shape[2:])
+            if width != size and not (not size and width == (1,)):
+                want = size[0] if len(size) == 1 else (size or 1)
+                raise ValueError(f"This regression episode has targets of size {want} per example but the model's head "
+                                 f"has {width[-1] if len(width) == 1 else width} outputs: build the backbone with "
+                                 f"out_features={want}.")
+            return
+        n_way = int(support_y.max()) + 1
+        heads = width[-1] if len(width) == 1 else None
+        if heads is None or heads < n_way or (heads > n_way and not self.hparams.allow_wider_head):
+            got = f"{heads} outputs" if heads is not None else f"outputs of shape {width} per example"
+            raise ValueError(
+                f"This is a {n_way}-way episode but the model's head has {got}: build the backbone with "
+                f"{n_way} outputs (e.g. Conv4(out_features={n_way}) or MLP(..., out_features={n_way})), or sample "
+                f"{heads if heads is not None else 'matching'}-way episodes"
+                + (", or pass allow_wider_head=True to train a wider head on fewer classes." if heads and heads > n_way
+                   else "."))
 
     # ------------------------------------------------------------------ one new task
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskPredictor:
@@ -292,16 +336,16 @@ class MAML(MetaLearner):
         raw = batch.support_x
         with self.gradients_enabled(), self.mode(training=False):  # as validation adapts: dropout off
             sx = self.encode(raw.clone(), raw[:, :0].clone())[0][0].detach()
-            path, losses, finite = inner_adapt(self.engine.forward, self.adapted_params(), sx, sy.clone(),
-                                               self.eval_inner_steps, self.inner_rates, True, self.inner_scale)
+            path, losses, finite = self.engine.adapt(self.adapted_module(), self.adapted_params(), self.inner_rates, sx,
+                                                     sy.clone(), self.eval_inner_steps, self.inner_scale)
         self.check_inner_loop(Adapted(torch.empty(0), losses[None].detach(), finite[None]))
         adapted = {k: v.detach() for k, v in path[-1].items()}
 
         def predict(query_x: Tensor) -> Tensor:
             with self.evaluating():
                 support, x = (t[0] for t in self.encode(raw, self.as_inputs(query_x, "query_x")[None]))
-                out = predict_queries(self.engine.forward, adapted, support, x, self.engine.norms,
-                                      self.engine.batch_norm)
+                out = self.engine.predict(self.adapted_module(), adapted, support, x)
+                self.check_outputs(out[None], sy[None])
                 return like_targets(out, sy[:1].expand(x.shape[0], *sy.shape[1:]))
 
         return TaskPredictor(predict, n_way)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_meta._checks import check_choice
+from lightning_meta._checks import check_choice, check_embedding_width
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional import class_prototypes, cosine_logits, squared_euclidean
 from lightning_meta.learners.base import MetaLearner, TaskPredictor
@@ -64,8 +64,10 @@ class ProtoNet(MetaLearner):
         return n_way
 
     def embed(self, x: Tensor) -> Tensor:
-        """Flat float32 embeddings ``[n, D]``."""
-        return self.backbone(x).flatten(1).float()
+        """Flat float32 embeddings ``[n, D]`` (``D = 0`` is refused)."""
+        z = self.backbone(x).flatten(1).float()
+        check_embedding_width(z)
+        return z
 
     def logits(self, queries: Tensor, prototypes: Tensor) -> Tensor:
         if self.distance == "euclidean":
@@ -88,6 +90,9 @@ class ProtoNet(MetaLearner):
         batch, n_way = self._single_task(support_x, support_y)
         with self.evaluating():
             prototypes = class_prototypes(self.embed(batch.support_x[0]), batch.support_y[0], n_way)
+        if not torch.isfinite(prototypes).all():
+            raise ValueError("The backbone gives non-finite (NaN or infinite) embeddings for this support set: check "
+                             "the inputs and the backbone's weights.")
 
         def predict(query_x: Tensor) -> Tensor:
             with self.evaluating():
