@@ -120,9 +120,10 @@ class CompiledFunction:
     uneven chunk of tasks) also runs ``fn`` eagerly from the same random state and compares every floating output
     and, where gradients flow, the gradients of those outputs (one random direction, the same for both) with respect
     to every input and parameter that requires them, taken through a second compiled call: what MAML needs from a
-    compiled inner loop is its second-order backward. A mismatch (:data:`TOLERANCE`), or a failure to compile, makes this function run ``fn`` eagerly from
-    then on, after one :class:`CompileFallbackWarning` naming ``name`` and the reason. An error that eager ``fn``
-    raises too (bad input) is raised as it is, not taken for a compiler failure."""
+    compiled inner loop is its second-order backward. A mismatch (:data:`TOLERANCE`, :data:`GRADIENT_TOLERANCE`), or
+    a failure to compile, makes this function run ``fn`` eagerly from then on, after one
+    :class:`CompileFallbackWarning` naming ``name`` and the reason. An error that eager ``fn`` raises too (bad input)
+    is raised as it is, not taken for a compiler failure."""
 
     def __init__(self, fn: Callable, compiler: Compiler, name: str, module: Optional[nn.Module] = None) -> None:
         self.fn, self.name, self.module = fn, name, module
