@@ -30,7 +30,7 @@ l2l:
 
 test: setup
 	$(BIN)/ruff check lightning_meta tests examples benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 demo: setup
 	$(BIN)/python examples/demo.py
