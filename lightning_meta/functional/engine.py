@@ -241,7 +241,11 @@ class Network:
         norms = batch_norms(module)
         fast = batched_chain(module) if chain else None
         return cls(functional_forward(module), fast, batched_chain_grads(module) if fast is not None else None, norms,
-                   any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()))
+                   has_convolutions(module))
+
+
+def has_convolutions(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
 
 @contextlib.contextmanager
@@ -299,8 +303,7 @@ class MetaBatchEngine:
         """Whether the tasks run under one ``vmap`` (else a loop) for ``module`` on ``device``."""
         if self.task_parallel != "auto":
             return self.task_parallel == "vmap"
-        return torch.device(device).type == "cuda" or not any(
-            isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+        return torch.device(device).type == "cuda" or not has_convolutions(module)
 
     def streams(self, module: nn.Module, device: torch.device) -> bool:
         """Whether training streams here: on the loop always, under vmap when ``task_chunk`` splits the meta-batch."""
@@ -329,13 +332,13 @@ class MetaBatchEngine:
         chunk = (self.task_chunk or (b if vmap else 1)) if share is not None else b
         stream = _Stream(share, list(leaves), outer_scale) if share is not None else None
         results = []
+        if compiled is not None:
+            run = self._compiled_run(module, net, compiled, vmap)
+        else:
+            run = functools.partial(self._vmap if vmap else self._loop, net)
         with out_of_place(module), norms_in_float32(net.norms):
             for lo in range(0, b, chunk):
                 tasks = slice(lo, min(lo + chunk, b))
-                if compiled is not None:
-                    run = self._compiled_run(module, net, compiled, vmap)
-                else:
-                    run = functools.partial(self._vmap if vmap else self._loop, net)
                 out, losses, finite = run(params, rates, support_x[tasks], support_y[tasks], query_x[tasks], steps,
                                           first_order, loss_scale, trajectory)
                 results.append((stream.take(tasks, out) if stream else out, losses, finite))
@@ -409,9 +412,10 @@ class MetaBatchEngine:
         return torch.func.vmap(core, in_dims=(None, None, 0, 0, 0), randomness="different") if vmap else core
 
     def _compiled_run(self, module: nn.Module, net: Network, compiled: Compiled, vmap: bool) -> Callable:
+        # the module's own layers are part of the name: a converted or replaced layer compiles anew
+        layers = hashlib.sha1(repr([(id(m), type(m).__name__) for m in module.modules()]).encode()).hexdigest()[:8]
+
         def run(params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
-            # the module's own layers are part of the name: a converted or replaced layer compiles anew
-            layers = hashlib.sha1(repr([(id(m), type(m).__name__) for m in module.modules()]).encode()).hexdigest()[:8]
             name = (f"inner loop ({'vmap' if vmap else 'one task'}, {steps} steps, "
                     f"{'first' if first_order else 'second'} order, loss scale {loss_scale}, outputs {trajectory}, "
                     f"batch norm {self.batch_norm}, layers {layers})")

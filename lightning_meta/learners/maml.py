@@ -236,7 +236,8 @@ class MAML(MetaLearner):
             sx, qx = self.encode(sx, qx)
             if not training:
                 sx, qx = sx.detach(), qx.detach()
-            self.check_output_width(sx, sy)
+            n_way = None if sy.is_floating_point() else int(sy.max()) + 1  # one synchronisation for both checks
+            self.check_output_width(sx, sy, n_way)
             share = (lambda tasks, out: self.task_meta_losses(out, qy[tasks]).sum() / qy.shape[0]) if stream else None
             adapted, streamed = self.engine.run(
                 self.adapted_module(), self.adapted_params(), self.inner_rates, sx, sy, qx,
@@ -245,7 +246,7 @@ class MAML(MetaLearner):
                 trajectory=trajectory or ("all" if multi else "last"), share=share,
                 leaves=[p for p in self.parameters() if p.requires_grad], outer_scale=self.meta_gradient_scale,
                 compiled=self.compiled if self.compiler is not None else None)
-            self.check_outputs(adapted.outputs[:, 0], batch.support_y)
+            self.check_outputs(adapted.outputs[:, 0], batch.support_y, n_way)
             dropped = self.check_inner_loop(adapted, evaluating=not training)
             if dropped is not None:
                 mask = dropped.view(-1, *[1] * (adapted.outputs.dim() - 1))
@@ -292,23 +293,23 @@ class MAML(MetaLearner):
             "`inner_lr`, use `inner_loss_scale` under float16, or check the inputs."
         )
 
-    def check_output_width(self, support_x: Tensor, support_y: Tensor) -> None:
+    def check_output_width(self, support_x: Tensor, support_y: Tensor, n_way: Optional[int]) -> None:
         """:meth:`check_outputs` before the inner loop runs, once per kind of episode: the adapted module on one
         support example (twice, for batch norm), without gradients, in evaluation mode, random streams untouched."""
-        labels = None if support_y.is_floating_point() else int(support_y.max())
-        key = (tuple(support_x.shape[2:]), support_x.dtype, tuple(support_y.shape[2:]), labels)
+        key = (tuple(support_x.shape[2:]), support_x.dtype, tuple(support_y.shape[2:]), n_way)
         if key in self._checked_widths:
             return
         example = support_x[0, :1].expand(2, *support_x.shape[2:])
         devices = [example.device] if example.device.type == "cuda" else []
         with torch.no_grad(), self.mode(training=False), torch.random.fork_rng(devices=devices):
             out = self.adapted_module()(example)
-        self.check_outputs(out[None], support_y)
+        self.check_outputs(out[None], support_y, n_way)
         self._checked_widths.add(key)
 
-    def check_outputs(self, outputs: Tensor, support_y: Tensor) -> None:
-        """The backbone's outputs ``[B, M, ...]`` fit the episodes' targets ``[B, n, ...]``: N logits for N-way
-        classification (more only with ``allow_wider_head``), one output per target value for regression."""
+    def check_outputs(self, outputs: Tensor, support_y: Tensor, n_way: Optional[int]) -> None:
+        """The backbone's outputs ``[B, M, ...]`` fit the episodes' targets ``[B, n, ...]``: ``n_way`` logits for
+        classification (more only with ``allow_wider_head``), one output per target value for regression
+        (``n_way=None``)."""
         width = tuple(outputs.shape[2:])
         if support_y.is_floating_point():
             size = tuple(support_y.shape[2:])
@@ -318,7 +319,6 @@ class MAML(MetaLearner):
                                  f"has {width[-1] if len(width) == 1 else width} outputs: build the backbone with "
                                  f"out_features={want}.")
             return
-        n_way = int(support_y.max()) + 1
         heads = width[-1] if len(width) == 1 else None
         if heads is None or heads < n_way or (heads > n_way and not self.hparams.allow_wider_head):
             got = f"{heads} outputs" if heads is not None else f"outputs of shape {width} per example"
@@ -345,7 +345,7 @@ class MAML(MetaLearner):
             with self.evaluating():
                 support, x = (t[0] for t in self.encode(raw, self.as_inputs(query_x, "query_x")[None]))
                 out = self.engine.predict(self.adapted_module(), adapted, support, x)
-                self.check_outputs(out[None], sy[None])
+                self.check_outputs(out[None], sy[None], None if sy.is_floating_point() else n_way)
                 return like_targets(out, sy[:1].expand(x.shape[0], *sy.shape[1:]))
 
         return TaskPredictor(predict, n_way)
