@@ -11,6 +11,11 @@ the episodes and (up to float summation order) the results identical when the nu
         examples/distributed.py --accelerator gpu --devices 8 --num-nodes 2     # 2 nodes by torchrun
     srun --nodes 2 --ntasks-per-node 8 --gpus-per-node 8 \\
         python examples/distributed.py --accelerator gpu --devices 8 --num-nodes 2   # SLURM (sbatch script)
+
+With `--image-folder DIR` the episodes come from your images (`DIR/train/<class>/*`, `DIR/val/<class>/*`, resized to
+`--image-size`): every process on a machine maps one decoded-image cache file (the first one there decodes it while
+the others wait), so memory per process does not grow with the dataset. `--save-weights PATH` writes each process's
+final weights to PATH.rank<R>.pt (the processes of a DDP run end with equal weights).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import lightning as L
 import torch
 
 from lightning_meta import MAML, EpisodicDataModule
-from lightning_meta.data import SyntheticGlyphs
+from lightning_meta.data import ClassFolder, SyntheticGlyphs
 from lightning_meta.models import Conv4
 
 
@@ -34,6 +39,9 @@ def main(argv=None) -> None:
     p.add_argument("--global-meta-batch", type=int, default=32)
     p.add_argument("--precision", default="32-true", help="e.g. bf16-mixed or 16-mixed on GPUs")
     p.add_argument("--fast", action="store_true")
+    p.add_argument("--image-folder", default=None, help="train/ and val/ folders of class folders (default: glyphs)")
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--save-weights", default=None, help="write each process's final weights to PATH.rank<R>.pt")
     args = p.parse_args(argv)
     world = args.devices * args.num_nodes
     if args.global_meta_batch % world:
@@ -42,9 +50,14 @@ def main(argv=None) -> None:
     # every process needs at least one evaluation meta-batch: whole rounds of the global meta-batch
     val_episodes = math.ceil((8 if args.fast else 200) / args.global_meta_batch) * args.global_meta_batch
     small = {"num_classes": 30, "samples_per_class": 6} if args.fast else {}
+    if args.image_folder:  # decoded once per machine into the shared cache (every process maps the same file)
+        train = ClassFolder(f"{args.image_folder}/train", image_size=args.image_size, mode="L")
+        val = ClassFolder(f"{args.image_folder}/val", image_size=args.image_size, mode="L")
+    else:
+        train = SyntheticGlyphs("train", **small)
+        val = SyntheticGlyphs("val", **({"num_classes": 10, "samples_per_class": 6} if args.fast else {}))
     data = EpisodicDataModule(
-        train=SyntheticGlyphs("train", **small), val=SyntheticGlyphs("val", **({"num_classes": 10, "samples_per_class": 6}
-                                                                              if args.fast else {})),
+        train=train, val=val,
         n_way=5, n_shot=1, n_query=5, meta_batch_size=args.global_meta_batch // world,
         train_episodes=args.global_meta_batch * (2 if args.fast else 100), val_episodes=val_episodes,
     )
@@ -53,6 +66,8 @@ def main(argv=None) -> None:
                         strategy="ddp" if world > 1 else "auto", precision=args.precision,
                         max_epochs=1 if args.fast else 10, logger=False, enable_checkpointing=not args.fast)
     trainer.fit(model, data)
+    if args.save_weights:
+        torch.save(model.state_dict(), f"{args.save_weights}.rank{trainer.global_rank}.pt")
     if trainer.is_global_zero:
         print(f"world size {trainer.world_size}, {data.meta_batch_size} tasks per rank per step, "
               f"val/acc {float(trainer.callback_metrics['val/acc']):.3f}")

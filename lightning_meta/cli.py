@@ -28,7 +28,8 @@ from lightning_meta.learners.base import MetaLearner
 class PredictionWriter(BasePredictionWriter):
     """Writes a predict run's outputs to ``<log dir>/predictions.pt`` (``predictions_rank<R>.pt`` per process under
     DDP): ``{"predictions": [one [B, M, N] logits tensor (or regression predictions) per meta-batch],
-    "batch_indices": [the episode indices of each]}``, to read back with ``torch.load``."""
+    "batch_indices": [the episode indices of each]}``, to read back with ``torch.load``. With named test sets
+    (``data.test`` a dict) both are dicts of such lists by set name."""
 
     def __init__(self) -> None:
         super().__init__(write_interval="epoch")
@@ -39,6 +40,9 @@ class PredictionWriter(BasePredictionWriter):
         root.mkdir(parents=True, exist_ok=True)
         name = f"predictions_rank{trainer.global_rank}.pt" if trainer.world_size > 1 else "predictions.pt"
         self.path = root / name
+        loaders = trainer.predict_dataloaders
+        if isinstance(loaders, dict):  # named sets: Lightning gives one list per loader, in the dict's order
+            predictions, batch_indices = (dict(zip(loaders, lists)) for lists in (predictions, batch_indices))
         torch.save({"predictions": predictions, "batch_indices": batch_indices}, self.path)
 
 

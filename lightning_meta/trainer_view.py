@@ -60,3 +60,12 @@ def swa_updates_only_running_statistics(trainer: Any) -> None:
 def accumulating(trainer: Any) -> bool:
     """Whether the current training batch only accumulates gradients (no optimizer step after it)."""
     return trainer is not None and bool(trainer.fit_loop.epoch_loop._should_accumulate())
+
+
+def evaluation_set_names(trainer: Any, stage: str) -> Optional[list[str]]:
+    """The names of the evaluation sets of ``stage`` (``"val"``/``"test"``) when its loaders are a dict of named
+    loaders (``EpisodicDataModule(test={"cub": ..., ...})``), in ``dataloader_idx`` order; ``None`` otherwise."""
+    if trainer is None:
+        return None
+    loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+    return [str(name) for name in loaders] if isinstance(loaders, dict) else None

@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,15 @@ from lightning_meta.data import TensorClassDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
+
+# the decoded-image cache of this test session (subprocesses inherit it), removed at the end: tests never touch the
+# user's cache folder and always exercise a first build
+CACHE = os.environ["LIGHTNING_META_CACHE"] = tempfile.mkdtemp(prefix="lightning-meta-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(CACHE, ignore_errors=True)
+
 
 # the alphabets of images_background_small2 that images_background_small1 does not have
 UNSEEN_ALPHABETS = ["Japanese_(katakana)", "Sanskrit", "Tagalog"]

@@ -2,6 +2,7 @@
 loads with `load_from_checkpoint` under weights-only loading; each subcommand exits 0 on success and non-zero on
 failure as a real command; a misspelled key is named."""
 
+import json
 import os
 import subprocess
 import sys
@@ -113,3 +114,15 @@ def test_a_misspelled_config_key_is_named(capsys):
         run(["fit", f"--config={CONFIGS / 'protonet_glyphs.yaml'}", "--data.n_shots=5"])
     assert exit_info.value.code != 0
     assert "n_shots" in capsys.readouterr().err
+
+
+def test_the_cli_takes_named_test_sets_and_logs_each_by_name(tmp_path):
+    sets = {"near": {"class_path": "lightning_meta.data.SyntheticGlyphs",
+                     "init_args": {"split": "test", "num_classes": 10, "samples_per_class": 20}},
+            "far": {"class_path": "lightning_meta.data.SyntheticGlyphs",
+                    "init_args": {"split": "test", "num_classes": 6, "samples_per_class": 20, "seed": 1}}}
+    cli = run(["test", f"--config={CONFIGS / 'protonet_glyphs'}.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
+               f"--data.test={json.dumps(sets)}", "--data.test_episodes=4", *SMALL_DATA["glyphs"][:2],
+               "--trainer.enable_progress_bar=false", "--model.init_args.backbone.init_args.hidden=8"])
+    logged = set(cli.trainer.logged_metrics)
+    assert {"test/near/acc", "test/near/acc_ci95", "test/far/acc", "test/far/loss"} <= logged and "test/acc" not in logged

@@ -2,18 +2,20 @@
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(script, *args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
+def run(script, *args, cwd, env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true", **(env or {})}
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -25,11 +27,66 @@ def test_existing_project_example(tmp_path):
     assert "5-way 1-shot:" in out and list(tmp_path.rglob("metrics.csv")) and list(tmp_path.rglob("*.ckpt"))
 
 
-def test_distributed_example_on_two_cpu_processes_with_its_documented_flags(tmp_path):
+@pytest.fixture(scope="module")
+def image_folders(tmp_path_factory):
+    """train/ and val/ folders of class folders of PNG images, as `--image-folder` reads them."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", 12), ("val", 6)):
+        for c in range(classes):
+            (root / split / f"{split}{c}").mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(root / split / f"{split}{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_processes(image_folders, tmp_path_factory):
+    """The example's documented 2-process command, on images from one decoded-image cache, saving each rank's weights."""
+    out_dir, cache = tmp_path_factory.mktemp("lightning_ddp"), tmp_path_factory.mktemp("cache")
+    out = run("distributed.py", "--accelerator", "cpu", "--devices", "2", "--fast", "--image-folder",
+              str(image_folders), "--image-size", "16", "--save-weights", str(out_dir / "w"), cwd=out_dir,
+              env={"LIGHTNING_META_CACHE": str(cache), "OMP_NUM_THREADS": "1"})  # one thread each, as under torchrun
+    return out, [torch.load(out_dir / f"w.rank{r}.pt") for r in range(2)], cache
+
+
+def test_distributed_example_on_two_cpu_processes_with_its_documented_flags(two_processes):
     # its own documented command (global meta-batch 32): before, it stopped at setup (8 validation episodes in
     # meta-batches of 16 for 2 processes)
-    out = run("distributed.py", "--accelerator", "cpu", "--devices", "2", "--fast", cwd=tmp_path)
+    out, weights, cache = two_processes
     assert "world size 2, 16 tasks per rank per step" in out
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert len(list(cache.glob("*.lmcache"))) == 2  # train and val: one decoded copy each, for both processes
+
+
+def test_the_readme_torchrun_command_on_two_nodes_equals_one_node_with_two_processes(image_folders, two_processes,
+                                                                                       tmp_path):
+    """Two `torchrun --nnodes 2` invocations on 127.0.0.1 (1 process each) reading one cache end with equal weights on
+    both nodes, equal to the single-node 2-process run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LIGHTNING_META_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+         "--master-addr", "127.0.0.1", "--master-port", str(port), str(ROOT / "examples" / "distributed.py"),
+         "--accelerator", "cpu", "--devices", "1", "--num-nodes", "2", "--fast", "--image-folder", str(image_folders),
+         "--image-size", "16", "--save-weights", str(tmp_path / "w")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    for node in nodes:
+        out, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    node_weights = [torch.load(tmp_path / f"w.rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(node_weights[0][k], node_weights[1][k]) for k in node_weights[0])
+    reference = two_processes[1][0]
+    for w in node_weights:
+        assert w.keys() == reference.keys()
+        for k in w:
+            torch.testing.assert_close(w[k], reference[k], rtol=0, atol=1e-6)
+    assert len(list(cache.glob("*.lmcache"))) == 2  # both nodes mapped the same files (one machine here)
 
 
 def test_wandb_example_offline_writes_the_run_with_images(tmp_path):

@@ -33,7 +33,8 @@ class ValidationTasks(L.Callback):
     @override
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        batch = Episode(*batch)
+        prepare = getattr(pl_module, "prepare_episode", None)
+        batch = prepare(batch) if callable(prepare) else Episode(*batch)  # uint8 images as the learner sees them
         if not self.keeps(batch):
             return
         for i in range(batch.num_tasks):

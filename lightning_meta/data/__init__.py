@@ -1,18 +1,24 @@
 from lightning_meta.data.datamodule import EpisodicDataModule
 from lightning_meta.data.datasets import (
+    CIFARFS,
+    CUB,
+    FC100,
     CachedImageDataset,
     ClassFolder,
+    HuggingFaceImages,
     MiniImageNet,
     Omniglot,
     Sinusoid,
     SyntheticGlyphs,
     TensorClassDataset,
+    TieredImageNet,
 )
 from lightning_meta.data.episode import Episode, LabelledBatch
 from lightning_meta.data.interop import learn2learn_tasksets
 from lightning_meta.data.tasks import TaskDistribution
 from lightning_meta.data.transforms import RandomAffine, RandomShift
 
-__all__ = ["CachedImageDataset", "ClassFolder", "Episode", "EpisodicDataModule", "LabelledBatch", "MiniImageNet", "Omniglot",
-           "RandomAffine", "RandomShift", "Sinusoid", "SyntheticGlyphs", "TaskDistribution", "TensorClassDataset",
+__all__ = ["CIFARFS", "CUB", "FC100", "CachedImageDataset", "ClassFolder", "Episode", "EpisodicDataModule",
+           "HuggingFaceImages", "LabelledBatch", "MiniImageNet", "Omniglot", "RandomAffine", "RandomShift",
+           "Sinusoid", "SyntheticGlyphs", "TaskDistribution", "TensorClassDataset", "TieredImageNet",
            "learn2learn_tasksets"]

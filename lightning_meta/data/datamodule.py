@@ -16,10 +16,11 @@ from lightning_meta import trainer_view
 from lightning_meta._checks import check_int
 from lightning_meta.data.episode import Episode, LabelledBatch
 from lightning_meta.data.sampler import ClassBatchSampler
-from lightning_meta.data.sources import make_sampler, source_kind
+from lightning_meta.data.sources import as_source, as_sources, make_sampler, source_kind
 from lightning_meta.data.tasks import TaskDistribution
 
 Source = Union[Dataset, TaskDistribution]
+EvalSources = Union[Source, dict[str, Source]]
 
 
 class _EpisodeStream(IterableDataset):
@@ -91,7 +92,12 @@ class EpisodicDataModule(L.LightningDataModule):
 
     Args:
         train, val, test: map-style datasets of ``(x, label)`` that expose their labels (a ``labels`` attribute), or
-            task distributions such as :class:`~lightning_meta.data.Sinusoid`. ``val``/``test`` may be ``None``.
+            task distributions such as :class:`~lightning_meta.data.Sinusoid`, or Hugging Face ``datasets.Dataset`` s
+            with ``image`` and ``label`` columns (see :class:`~lightning_meta.data.HuggingFaceImages` for other
+            columns). ``val``/``test`` may be ``None``, or
+            a dict of named sets (``test={"cub": cub, "omniglot": omni}``): each is its own evaluation stream in one
+            ``trainer.validate``/``trainer.test``, logged as ``test/cub/acc``, ``test/cub/acc_ci95``, ... (one
+            unnamed set logs ``test/acc``); every set draws its episodes as it would alone.
         n_way, n_shot, n_query: evaluation episodes are N-way K-shot with Q queries per class.
         meta_batch_size: tasks per optimizer step on each rank (the global meta-batch is this times world size).
         train_episodes: training episodes per epoch, over all ranks together.
@@ -129,8 +135,8 @@ class EpisodicDataModule(L.LightningDataModule):
     def __init__(
         self,
         train: Optional[Source] = None,
-        val: Optional[Source] = None,
-        test: Optional[Source] = None,
+        val: Optional[EvalSources] = None,
+        test: Optional[EvalSources] = None,
         n_way: int = 5,
         n_shot: int = 1,
         n_query: int = 15,
@@ -163,6 +169,11 @@ class EpisodicDataModule(L.LightningDataModule):
                 check_int(name, locals()[name], 1)
         if train is None and val is None and test is None:
             raise ValueError("EpisodicDataModule needs at least one of `train`, `val` or `test`; all three are None.")
+        train, val, test = as_source(train), as_sources(val), as_sources(test)
+        for name, value in (("val", val), ("test", test)):
+            if isinstance(value, dict) and (not value or not all(isinstance(k, str) and k for k in value)):
+                raise ValueError(f"Expected `{name}` as a dict to map set names (non-empty strings) to datasets, but got "
+                                 f"the keys {list(value)}.")
         self.train, self.val, self.test = train, val, test
         self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
         self.train_way = train_way or n_way
@@ -181,43 +192,52 @@ class EpisodicDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["train", "val", "test", "train_transform"])
 
     # ---------------------------------------------------------------- setup and checks
+    def sets(self, stage: str) -> dict[str, Source]:
+        """The sources of ``"train"``, ``"val"`` or ``"test"`` by stream: ``{"val": ds}`` for one set, ``{"val/cub": cub,
+        ...}`` for named sets, ``{}`` for none."""
+        value = {"train": self.train, "val": self.val, "test": self.test}[stage]
+        if value is None:
+            return {}
+        if isinstance(value, dict):
+            return {f"{stage}/{name}": source for name, source in value.items()}
+        return {stage: value}
+
     @override
     def setup(self, stage: Optional[str] = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         names = wanted.get(stage, ("train", "val", "test"))
-        sources = {"train": self.train, "val": self.val, "test": self.test}
         if stage == "fit" and self.train is None:
             raise ValueError("`trainer.fit` needs training episodes, but `EpisodicDataModule(train=None)`.")
-        if stage in ("validate", "test") and sources[names[0]] is None:
+        if stage in ("validate", "test") and not self.sets(names[0]):
             raise ValueError(f"`trainer.{stage}` needs {names[0]} episodes, but `EpisodicDataModule({names[0]}=None)`.")
-        self._check_disjoint(sources)
-        for name in names:
-            source = sources[name]
-            if source is None or name in self.samplers:
-                continue
-            way, shot, query = (
-                (self.train_way, self.train_shot, self.train_query) if name == "train" else
-                (self.n_way, self.n_shot, self.n_query)
-            )  # fmt: skip
-            self._check_source(name, source, way)
-            described = f"{name} dataset ({_name(source)})"
-            if name == "train" and self.pretrain_batch_size:
-                self.samplers[name] = ClassBatchSampler(source, self.seed, described)
-                self._check_pretrain_batches()
-                continue
-            self.samplers[name] = make_sampler(source, way, shot, query, self.seed, described)
-            if name != "train":
-                self._check_eval_batches(name)
+        self._check_disjoint()
+        for stage_name in names:
+            for stream, source in self.sets(stage_name).items():
+                if stream in self.samplers:
+                    continue
+                way, shot, query = (
+                    (self.train_way, self.train_shot, self.train_query) if stage_name == "train" else
+                    (self.n_way, self.n_shot, self.n_query)
+                )  # fmt: skip
+                self._check_source(stream, source, way)
+                described = f"{stream} dataset ({_name(source)})"
+                if stage_name == "train" and self.pretrain_batch_size:
+                    self.samplers[stream] = ClassBatchSampler(source, self.seed, described)
+                    self._check_pretrain_batches()
+                    continue
+                self.samplers[stream] = make_sampler(source, way, shot, query, self.seed, described)
+                if stage_name != "train":
+                    self._check_eval_batches(stream)
 
     @override
     def prepare_data(self) -> None:
         """Fetch what the datasets need (e.g. ``Omniglot(download=True)``), once, on the first process only."""
-        for source in (self.train, self.val, self.test):
+        for source in (source for stage in STAGES for source in self.sets(stage).values()):
             if callable(getattr(source, "prepare_data", None)):
                 source.prepare_data()
 
-    def _check_eval_batches(self, name: str) -> None:
-        world = self._world()[0]
+    def _check_eval_batches(self, stream: str) -> None:
+        world, name = self._world()[0], _stage(stream)
         batches = math.ceil(self.episodes[name] / self.eval_meta_batch_size)
         if batches < world:
             raise ValueError(
@@ -267,17 +287,18 @@ class EpisodicDataModule(L.LightningDataModule):
             raise ValueError("`pretrain_classes` is defined for pretraining batches only: set `pretrain_batch_size`.")
         return self._sampler("train").num_classes
 
-    def _check_disjoint(self, sources: dict) -> None:
-        given = [k for k in ("train", "val", "test") if sources[k] is not None]
-        for i, a in enumerate(given):
-            for b in given[i + 1 :]:
-                if sources[a] is sources[b] and not isinstance(sources[a], TaskDistribution):
-                    raise ValueError(f"`{a}` and `{b}` are the same dataset: their classes must be disjoint.")
-        named = {k: set(sources[k].class_names) for k in given if hasattr(sources[k], "class_names")}
-        keys = sorted(named)
+    def _check_disjoint(self) -> None:
+        """Training, validation and test classes must be disjoint (named sets of one stage may share classes)."""
+        streams = {k: v for stage in STAGES for k, v in self.sets(stage).items()}
+        keys = list(streams)
+        named = {k: set(v.class_names) for k, v in streams.items() if hasattr(v, "class_names")}
         for i, a in enumerate(keys):
             for b in keys[i + 1 :]:
-                shared = named[a] & named[b]
+                if _stage(a) == _stage(b):
+                    continue
+                if streams[a] is streams[b] and not isinstance(streams[a], TaskDistribution):
+                    raise ValueError(f"`{a}` and `{b}` are the same dataset: their classes must be disjoint.")
+                shared = named[a] & named[b] if a in named and b in named else set()
                 if shared:
                     some = ", ".join(sorted(map(str, shared))[:5])
                     raise ValueError(
@@ -312,9 +333,10 @@ class EpisodicDataModule(L.LightningDataModule):
         return self._train_items() // self.train_episodes_per_step
 
     def _sampler(self, stream: str):
-        """The stream's sampler, set up on first use (outside a Trainer too)."""
+        """The stream's sampler (``"train"``, ``"val"``, ``"test/cub"``...), set up on first use (outside a Trainer
+        too)."""
         if stream not in self.samplers:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[stream])
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[_stage(stream)])
         if stream not in self.samplers:
             raise ValueError(f"No {stream} dataset was given to EpisodicDataModule, so there are no {stream} episodes.")
         return self.samplers[stream]
@@ -322,30 +344,40 @@ class EpisodicDataModule(L.LightningDataModule):
     def _loader(self, stream: str) -> DataLoader:
         sampler = self._sampler(stream)
         world, rank = self._world()
-        batch = self._train_batch if stream == "train" else self.eval_meta_batch_size
-        episodes = self._train_items() if stream == "train" else self.episodes[stream]
-        transform = self.train_transform if stream == "train" else None
-        stream_ds = _EpisodeStream(sampler, stream, episodes, batch, world, rank, transform, self.seed)
-        if stream != "train":  # a plain DataLoader, which Lightning may rebuild (trainer.predict does)
+        stage = _stage(stream)  # named sets draw the episodes of their stage: each as it would alone
+        batch = self._train_batch if stage == "train" else self.eval_meta_batch_size
+        episodes = self._train_items() if stage == "train" else self.episodes[stage]
+        transform = self.train_transform if stage == "train" else None
+        stream_ds = _EpisodeStream(sampler, stage, episodes, batch, world, rank, transform, self.seed)
+        if stage != "train":  # a plain DataLoader, which Lightning may rebuild (trainer.predict does)
             return DataLoader(stream_ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         return _EpisodeLoader(stream_ds, self.num_workers, self.pin_memory, self)
+
+    def _eval_loaders(self, stage: str) -> Union[DataLoader, dict[str, DataLoader], list]:
+        """One loader, a dict of named loaders (Lightning runs them one after another, each with its
+        ``dataloader_idx``), or ``[]`` (Lightning's "no loader")."""
+        value = {"val": self.val, "test": self.test}[stage]
+        if value is None:
+            return []
+        if isinstance(value, dict):
+            return {name: self._loader(f"{stage}/{name}") for name in value}
+        return self._loader(stage)
 
     @override
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
     @override
-    def val_dataloader(self) -> Union[DataLoader, list]:
-        # no validation set: fit runs without validation (an empty list is Lightning's "no loader")
-        return [] if self.val is None else self._loader("val")
+    def val_dataloader(self) -> Union[DataLoader, dict[str, DataLoader], list]:
+        return self._eval_loaders("val")  # no validation set: fit runs without validation
 
     @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def test_dataloader(self) -> Union[DataLoader, dict[str, DataLoader], list]:
+        return self._eval_loaders("test")
 
     @override
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def predict_dataloader(self) -> Union[DataLoader, dict[str, DataLoader], list]:
+        return self._eval_loaders("test")
 
     def _before_train_iter(self, stream: _EpisodeStream) -> None:
         trainer = self._trainer_or_none()
@@ -400,6 +432,14 @@ class EpisodicDataModule(L.LightningDataModule):
 
 def _name(source) -> str:
     return type(source).__name__
+
+
+def _stage(stream: str) -> str:
+    """``"test"`` for ``"test/cub"``: the stage a stream belongs to."""
+    return stream.split("/", 1)[0]
+
+
+STAGES = ("train", "val", "test")
 
 
 __all__ = ["EpisodicDataModule", "Episode"]

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+from lightning_meta.data.datasets.huggingface import HuggingFaceImages, is_huggingface_dataset
 from lightning_meta.data.interop import Learn2LearnTaskSampler, is_learn2learn_taskset
 from lightning_meta.data.sampler import ClassEpisodeSampler, TaskEpisodeSampler
 
 KINDS = ("learn2learn", "tasks", "classes")
+
+
+def as_sources(value):
+    """:func:`as_source` of a source, or of each set of a dict of named sets."""
+    if isinstance(value, dict) and not _is_dataset_dict(value):
+        return {name: as_source(source) for name, source in value.items()}
+    return as_source(value)
+
+
+def _is_dataset_dict(value) -> bool:
+    return type(value).__name__ == "DatasetDict" and type(value).__module__.startswith("datasets.")
+
+
+def as_source(source):
+    """A source as the samplers read it: a Hugging Face ``datasets.Dataset`` becomes :class:`HuggingFaceImages` (columns
+    ``image`` and ``label``); anything else is returned as it is."""
+    if is_huggingface_dataset(source):
+        return HuggingFaceImages(source)
+    if _is_dataset_dict(source):
+        raise TypeError(f"Got a Hugging Face DatasetDict with the splits {list(source)}: pass one split as each source, "
+                        "e.g. train=ds['train'], test=ds['test'].")
+    return source
 
 
 def source_kind(source) -> str:

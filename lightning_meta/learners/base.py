@@ -140,20 +140,21 @@ class MetaLearner(L.LightningModule):
         return check_episode(batch)
 
     def as_inputs(self, x: Tensor, name: str = "inputs") -> Tensor:
-        """Inputs in the dtype of the learner's weights: other float dtypes are cast (float64 data in a float32
-        model); ``uint8`` images are refused, since their scale (0..255) is not the [0, 1] the datasets give."""
+        """Inputs on the learner's device in the dtype of its weights: other float dtypes are cast (float64 data in a
+        float32 model), and ``uint8`` images (what image datasets put in episodes, a quarter of float32's bytes) are
+        moved first and converted there to floats in [0, 1] (``x / 255``, computed in float32)."""
         x = torch.as_tensor(x)
-        if x.dtype == torch.uint8:
-            raise TypeError(f"Expected `{name}` to be float inputs (images in [0, 1]), but got torch.uint8: convert "
-                            "them with x.float() / 255.")
         weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        device = weight.device if weight is not None else x.device
+        if x.dtype == torch.uint8:
+            x = x.to(device, non_blocking=True).to(torch.float32).div_(255)
         if weight is None:
             return x
-        return x.to(device=weight.device, dtype=weight.dtype if x.is_floating_point() else x.dtype)
+        return x.to(device=device, dtype=weight.dtype if x.is_floating_point() else x.dtype)
 
     def prepare_episode(self, batch: Any) -> Episode:
         """A meta-batch in the form the learners compute on: integer labels of any width as int64 (bool labels are
-        refused), float inputs in the weights' dtype (:meth:`as_inputs`). Raises for anything but a 4-tuple."""
+        refused), inputs as floats in the weights' dtype (:meth:`as_inputs`). Raises for anything but a 4-tuple."""
         if not isinstance(batch, tuple) or len(batch) != 4:
             raise TypeError(
                 f"Expected an Episode(support_x, support_y, query_x, query_y) meta-batch, but got "
@@ -248,10 +249,10 @@ class MetaLearner(L.LightningModule):
         self._log_step(batch, outputs.detach(), "train", loss.detach())
         return loss
 
-    def _evaluate(self, batch: Episode, stage: str) -> None:
+    def _evaluate(self, batch: Episode, stage: str, dataloader_idx: int = 0) -> None:
         batch = self.prepare_episode(batch)
         self.check_episode(batch)
-        self._log_step(batch, self.forward_episode(batch).detach(), stage)
+        self._log_step(batch, self.forward_episode(batch).detach(), stage, dataloader_idx=dataloader_idx)
 
     def _skipped_loss(self) -> Optional[Tensor]:
         """What a skipped training step returns: ``None`` in one process, where Lightning then runs no backward: the
@@ -300,7 +301,18 @@ class MetaLearner(L.LightningModule):
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         return finite
 
-    def _log_step(self, batch: Episode, outputs: Tensor, stage: str, loss: Optional[Tensor] = None) -> None:
+    def _stream_metrics(self, stage: str, index: int) -> tuple[EpisodeMean, EpisodeMean, EpisodeCount]:
+        """The value, loss and divergence metrics of evaluation stream ``index`` of ``stage`` (one per named set; the
+        first set's are built with the learner, the others on first use, on the learner's device)."""
+        key = stage if index == 0 else f"{stage}{index}"
+        if f"{key}_value" not in self.metrics:
+            self.metrics[f"{key}_value"] = EpisodeMean().to(self.device)
+            self.losses[f"{key}_loss"] = EpisodeMean().to(self.device)
+            self.diverged[f"{key}_diverged"] = EpisodeCount().to(self.device)
+        return self.metrics[f"{key}_value"], self.losses[f"{key}_loss"], self.diverged[f"{key}_diverged"]
+
+    def _log_step(self, batch: Episode, outputs: Tensor, stage: str, loss: Optional[Tensor] = None,
+                  dataloader_idx: int = 0) -> None:
         regression = batch.is_regression
         self._regression = regression
         if stage == "train" and self._trainer is None:
@@ -311,39 +323,44 @@ class MetaLearner(L.LightningModule):
         name = "mse" if regression else "acc"
         if stage != "train":  # a diverged task (NaN outputs, e.g. MAML's inner loop) is counted, not averaged
             ok = torch.isfinite(outputs.flatten(1).float()).all(1)
-            self.diverged[f"{stage}_diverged"].update(~ok)
-            self.metrics[f"{stage}_value"].update(value[ok])
-            self.losses[f"{stage}_loss"].update(per_task[ok])
+            values, losses, diverged = self._stream_metrics(stage, dataloader_idx)
+            diverged.update(~ok)
+            values.update(value[ok])
+            losses.update(per_task[ok])
         else:
             self.log("train/loss", loss, prog_bar=True, batch_size=b)
             self.log(f"train/{name}", value.mean(), prog_bar=True, batch_size=b)
 
     def _log_epoch(self, stage: str) -> None:
-        if self.metrics[f"{stage}_value"].update_count == 0 and self._regression is None:
-            return
-        name = "mse" if self._regression else "acc"
-        mean, ci95 = self.metrics[f"{stage}_value"].compute()
-        loss, _ = self.losses[f"{stage}_loss"].compute()
-        diverged = self.diverged[f"{stage}_diverged"].compute()
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/{name}": mean, f"{stage}/{name}_ci95": ci95},
-                      prog_bar=stage == "val")
-        self.log(f"{stage}/diverged", diverged.float())
-        if diverged > 0:
-            rank_zero_warn(f"{int(diverged)} {stage} tasks diverged (non-finite outputs) and are left out of {stage}/"
-                           f"{name}, which averages the other tasks; lower the inner learning rate.")
-        for metric in (self.metrics[f"{stage}_value"], self.losses[f"{stage}_loss"], self.diverged[f"{stage}_diverged"]):
-            metric.reset()
+        names = trainer_view.evaluation_set_names(self._trainer, stage)  # named sets: {"cub": loader, ...}
+        for index in range(len(names) if names else 1):
+            prefix = f"{stage}/{names[index]}" if names else stage
+            values, losses, diverged_count = self._stream_metrics(stage, index)
+            if values.update_count == 0 and self._regression is None:
+                continue
+            name = "mse" if self._regression else "acc"
+            mean, ci95 = values.compute()
+            loss, _ = losses.compute()
+            diverged = diverged_count.compute()
+            self.log_dict({f"{prefix}/loss": loss, f"{prefix}/{name}": mean, f"{prefix}/{name}_ci95": ci95},
+                          prog_bar=stage == "val")
+            self.log(f"{prefix}/diverged", diverged.float())
+            if diverged > 0:
+                rank_zero_warn(f"{int(diverged)} {prefix} tasks diverged (non-finite outputs) and are left out of "
+                               f"{prefix}/{name}, which averages the other tasks; lower the inner learning rate.")
+            for metric in (values, losses, diverged_count):
+                metric.reset()
 
     @override
-    def validation_step(self, batch: Episode, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+    def validation_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "val", dataloader_idx)
 
     @override
-    def test_step(self, batch: Episode, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+    def test_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "test", dataloader_idx)
 
     @override
-    def predict_step(self, batch: Episode, batch_idx: int) -> Tensor:
+    def predict_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Query outputs of the meta-batch: logits ``[B, M, N]``, or predictions shaped like ``query_y``."""
         return self(batch)
 

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from lightning_meta.data.datasets.base import CachedImageDataset, _size, decode_image, is_image, stack_images
+from lightning_meta.data.datasets.base import CachedImageDataset, FileDecoder, _size, is_image, load_images
+from lightning_meta.data.datasets.cache import CacheArg
 
 
 class ClassFolder(CachedImageDataset):
-    """Every sub-folder of ``root`` is a class; every image file inside it is an item (decoded once, cached).
+    """Every sub-folder of ``root`` is a class; every image file inside it is an item (decoded once per machine).
 
     Args:
         root: the folder of class folders.
         image_size: resize every image to this side (or ``(H, W)``); needed when the images differ in size.
         mode: PIL mode to convert to (``"RGB"`` gives 3 channels, ``"L"`` one).
+        cache: where the decoded images are kept: ``True`` (default) a memory-mapped file in the default cache folder
+            (``$LIGHTNING_META_CACHE``, else ``~/.cache/lightning_meta/images``), shared by every process and run on
+            the machine and rebuilt when the files or options change; a folder path to keep it there; ``False`` to
+            decode into this process's memory (tiny data).
+        decode_workers: processes that decode a new cache (default: every core this process may use).
+        classes: keep only these class folders (names), e.g. one split of a benchmark; ``None`` keeps all.
 
     Class names are ``<root name>/<class folder>``'s folder part, so two ``ClassFolder`` splits with a class folder of
     the same name are reported as overlapping.
@@ -35,25 +43,31 @@ class ClassFolder(CachedImageDataset):
     """
 
     def __init__(self, root: Union[str, Path], image_size: Optional[Union[int, tuple[int, int]]] = None,
-                 mode: str = "RGB") -> None:
+                 mode: str = "RGB", cache: CacheArg = True, decode_workers: Optional[int] = None,
+                 classes: Optional[Sequence[str]] = None) -> None:
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"ClassFolder root {root} does not exist or is not a folder: it should hold one folder "
                              "per class.")
-        classes = sorted(p for p in root.iterdir() if p.is_dir())
-        if not classes:
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        if not folders:
             raise ValueError(f"ClassFolder root {root} has no class folders: put each class's images in a folder of "
                              "its own.")
-        size = _size(image_size)
-        arrays, labels, files, names = [], [], [], []
-        for label, folder in enumerate(classes):
-            images = sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p))
+        if classes is not None:
+            missing = sorted(set(classes) - {p.name for p in folders})
+            if missing:
+                raise ValueError(f"{type(self).__name__}: {len(missing)} class folders are missing from {root} (e.g. "
+                                 f"{', '.join(missing[:3])}): is `root` the dataset's image folder, and is it whole?")
+            folders = [p for p in folders if p.name in set(classes)]
+        labels, files, names = [], [], []
+        for label, folder in enumerate(folders):
+            images = sorted(str(p) for p in folder.rglob("*") if is_image(p) and p.is_file())
             if not images:
                 raise ValueError(f"The class folder {folder} holds no image files.")
-            for path in images:
-                arrays.append(decode_image(path, str(path), size, mode))
-                labels.append(label)
-                files.append(str(path))
+            files += images
+            labels += [label] * len(images)
             names.append(folder.name)
-        super().__init__(stack_images(arrays, files), torch.tensor(labels), names)
+        decoded, cache_file = load_images(type(self).__name__, FileDecoder(files, _size(image_size), mode), cache,
+                                          decode_workers)
+        super().__init__(decoded, torch.tensor(labels), names, cache_file)
         self.files = files

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from lightning_meta._checks import check_choice
-from lightning_meta.data.datasets.base import CachedImageDataset, _size, decode_image, stack_images
+from lightning_meta.data.datasets.base import CachedImageDataset, FileDecoder, _size, load_images
+from lightning_meta.data.datasets.cache import CacheArg
 
 SPLITS = ("train", "val", "test")
 
 
 class MiniImageNet(CachedImageDataset):
     """The standard csv splits over an images folder: ``root/{train,val,test}.csv`` (``filename,label`` rows) and
-    ``root/images/<filename>``. Images are resized to ``image_size`` (84 in the papers) and cached as uint8 RGB.
+    ``root/images/<filename>``. Images are resized to ``image_size`` (84 in the papers) and kept as uint8 RGB in the
+    decoded-image cache (``cache`` and ``decode_workers`` as for :class:`ClassFolder`).
 
     Example:
         >>> import tempfile
@@ -33,7 +35,8 @@ class MiniImageNet(CachedImageDataset):
         (['n01532829', 'n01558993'], (3, 3, 84, 84))
     """
 
-    def __init__(self, root: Union[str, Path], split: str = "train", image_size: int = 84) -> None:
+    def __init__(self, root: Union[str, Path], split: str = "train", image_size: int = 84, cache: CacheArg = True,
+                 decode_workers: Optional[int] = None) -> None:
         root = Path(root)
         check_choice("split", split, SPLITS)
         table = root / f"{split}.csv"
@@ -53,14 +56,14 @@ class MiniImageNet(CachedImageDataset):
             raise ValueError(f"Line {bad + 2} of {table} is not a `filename,label` row: {rows[bad]}.")
         names = sorted({label for _, label in rows})
         index = {name: i for i, name in enumerate(names)}
-        size = _size(image_size)
-        arrays, files = [], []
+        files = []
         for filename, _ in rows:
             path = root / "images" / filename
             if not path.is_file():
                 raise ValueError(f"MiniImageNet image {path} (listed in {table}) does not exist.")
-            arrays.append(decode_image(path, str(path), size, "RGB"))
             files.append(str(path))
         labels = torch.tensor([index[label] for _, label in rows])
-        super().__init__(stack_images(arrays, files), labels, names)
+        images, cache_file = load_images("MiniImageNet", FileDecoder(files, _size(image_size), "RGB"), cache,
+                                         decode_workers)
+        super().__init__(images, labels, names, cache_file)
         self.files = files

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import os
 import shutil
 import tempfile
@@ -18,7 +16,8 @@ import numpy as np
 import torch
 
 from lightning_meta._checks import check_choice
-from lightning_meta.data.datasets.base import CachedImageDataset, _size, decode_image, stack_images
+from lightning_meta.data.datasets.base import CachedImageDataset, FileDecoder, _size, load_images
+from lightning_meta.data.datasets.cache import CacheArg
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 # md5 of the authors' zips
@@ -62,7 +61,7 @@ def download(root: Union[str, Path], subset: str, url: str = OFFICIAL_URL) -> Pa
 
 
 class Omniglot(CachedImageDataset):
-    """Omniglot characters as classes, decoded once into memory (strokes bright on black, ``[1, S, S]`` in [0, 1]).
+    """Omniglot characters as classes, decoded once per machine (strokes bright on black, ``uint8 [1, S, S]``).
 
     Args:
         root: folder holding the authors' zips (``images_background.zip`` ...) or their extracted folders.
@@ -79,6 +78,8 @@ class Omniglot(CachedImageDataset):
             zip itself (never from a half-extracted folder). With ``download=True`` nothing is fetched or read at
             construction: :class:`~lightning_meta.EpisodicDataModule` calls :meth:`prepare_data` on one process
             before any process reads the images, and a dataset used on its own loads on first use.
+        cache, decode_workers: the decoded-image cache, as for :class:`~lightning_meta.data.ClassFolder` (rotated
+            copies are part of the cached images).
 
     Example (on the project's copy of the authors' data when it is there; a user's clone has none):
         >>> from pathlib import Path
@@ -100,6 +101,8 @@ class Omniglot(CachedImageDataset):
         split_seed: int = 0,
         download: bool = False,
         url: str = OFFICIAL_URL,
+        cache: CacheArg = True,
+        decode_workers: Optional[int] = None,
     ) -> None:
         root = Path(root)
         if isinstance(subsets, str):
@@ -117,7 +120,8 @@ class Omniglot(CachedImageDataset):
                              f"{tuple(split_fractions)}.")
         self._source = dict(root=root, subsets=list(subsets), alphabets=alphabets, size=_size(image_size),
                             rotations=tuple(rotations), split=split, split_fractions=split_fractions,
-                            split_seed=split_seed, url=url if download else None)
+                            split_seed=split_seed, url=url if download else None, cache=cache,
+                            decode_workers=decode_workers)
         if not download:
             self.setup()
 
@@ -144,19 +148,18 @@ class Omniglot(CachedImageDataset):
         src = self.__dict__.pop("_source", None)
         if src is None:
             return
-        with contextlib.ExitStack() as archives:  # every zip opened here is closed when the images are decoded
-            images, labels, class_names, files = _read(archives, **{k: v for k, v in src.items() if k != "url"})
-        CachedImageDataset.__init__(self, images, labels, class_names)
+        images, labels, class_names, files, cache_file = _read(**{k: v for k, v in src.items() if k != "url"})
+        CachedImageDataset.__init__(self, images, labels, class_names, cache_file)
         self.files = files
 
 
-def _read(archives: contextlib.ExitStack, root: Path, subsets: Sequence[str], alphabets, size, rotations, split,
-          split_fractions, split_seed):
-    """Decode the selected characters: ``(images uint8 [n, 1, S, S], labels [n], class names, file names)``."""
+def _read(root: Path, subsets: Sequence[str], alphabets, size, rotations, split, split_fractions, split_seed, cache,
+          decode_workers):
+    """The selected characters: ``(images uint8 [n, 1, S, S], labels [n], class names, file names, cache file)``."""
     characters: dict[str, list[tuple[str, object]]] = {}
     for subset in subsets:
-        for key, name, opener in _list_subset(root, subset, archives):
-            characters.setdefault(key, []).append((name, opener))
+        for key, name, source in _list_subset(root, subset):
+            characters.setdefault(key, []).append((name, source))
     if alphabets is not None:
         present = {k.split("/")[0] for k in characters}
         missing = [a for a in alphabets if a not in present]
@@ -168,23 +171,28 @@ def _read(archives: contextlib.ExitStack, root: Path, subsets: Sequence[str], al
     keys = sorted(characters)
     if split is not None:
         keys = _split_keys(keys, split, split_fractions, split_seed)
-    arrays, labels, files = [], [], []
+    sources, labels, files = [], [], []
     for char_index, key in enumerate(keys):
-        for name, opener in sorted(characters[key], key=lambda item: item[0]):
-            arrays.append(decode_image(opener(), name, size, "L")[:, :, 0])
+        for name, source in sorted(characters[key], key=lambda item: item[0]):
+            sources.append(source)
             labels.append(char_index)
             files.append(name)
-    if not arrays:
+    if not sources:
         raise ValueError(f"No Omniglot images were selected from {list(subsets)} in {root} (alphabets={alphabets}, "
                          f"split={split!r}).")
-    base = 255 - stack_images([a[:, :, None] for a in arrays], files)  # [n, 1, S, S], strokes bright
+    n = len(sources)
+
+    def rotate(images: np.ndarray) -> None:  # rows r*n .. (r+1)*n - 1: every character rotated by rotations[r]
+        drawn = np.array(images[:n])
+        for r, degrees in enumerate(rotations):
+            images[r * n : (r + 1) * n] = np.rot90(drawn, k=degrees // 90, axes=(2, 3))
+
+    images, cache_file = load_images("Omniglot", FileDecoder(sources, size, "L", invert=True), cache, decode_workers,
+                                     rows=n * len(rotations), finish=rotate, options={"rotations": list(rotations)})
     base_labels = torch.tensor(labels)
-    rotated, all_labels = [], []
-    for r_index, degrees in enumerate(rotations):
-        rotated.append(torch.rot90(base, k=degrees // 90, dims=(2, 3)))
-        all_labels.append(base_labels * len(rotations) + r_index)
+    all_labels = torch.cat([base_labels * len(rotations) + r for r in range(len(rotations))])
     class_names = [f"{key}/rot{degrees}" for key in keys for degrees in rotations]
-    return torch.cat(rotated), torch.cat(all_labels), class_names, files * len(rotations)
+    return images, all_labels, class_names, files * len(rotations), cache_file
 
 
 def _md5(path: Path) -> str:
@@ -204,27 +212,28 @@ def _split_keys(keys: list[str], split: str, fractions: Sequence[float], seed: i
     return sorted(keys[i] for i in order[lo:hi])
 
 
-def _list_subset(root: Path, subset: str, archives: contextlib.ExitStack):
-    """Yield ``(alphabet/character, file name, opener)`` for every image of a subset, from its zip (whole: downloads
-    are renamed into place when complete) or else its extracted folder. A zip is opened in ``archives``."""
+def _list_subset(root: Path, subset: str):
+    """Yield ``(alphabet/character, file name, source)`` for every image of a subset, from its zip (whole: downloads
+    are renamed into place when complete) or else its extracted folder; a source is a path or ``(zip, member)``."""
     folder, archive = root / subset, root / f"{subset}.zip"
     if folder.is_dir() and not archive.is_file():
         files = sorted(p for p in folder.glob("*/*/*") if p.is_file())
         if not files:
             raise ValueError(f"The Omniglot folder {folder} holds no <alphabet>/<character>/<image> files.")
         for path in files:
-            yield f"{path.parent.parent.name}/{path.parent.name}", str(path), (lambda p=path: p)
+            yield f"{path.parent.parent.name}/{path.parent.name}", str(path), str(path)
         return
     if archive.is_file():
         try:
-            zf = archives.enter_context(zipfile.ZipFile(archive))
+            with zipfile.ZipFile(archive) as zf:
+                names = zf.namelist()
         except zipfile.BadZipFile as err:
             raise ValueError(f"The Omniglot archive {archive} is not a valid zip file ({err}): delete it and download "
                              "it again.") from err
-        members = sorted(n for n in zf.namelist() if not n.endswith("/") and n.count("/") == 3)
+        members = sorted(n for n in names if not n.endswith("/") and n.count("/") == 3)
         for member in members:
             _, alphabet, character, _ = member.split("/")
-            yield f"{alphabet}/{character}", f"{archive}:{member}", (lambda m=member: io.BytesIO(zf.read(m)))
+            yield f"{alphabet}/{character}", f"{archive}:{member}", (str(archive), member)
         return
     raise ValueError(
         f"Omniglot subset {subset!r} not found: looked for the folder {folder} and the archive {archive}. Pass "

@@ -15,7 +15,10 @@ class TensorClassDataset(Dataset):
     """Wrap inputs ``x [n, ...]`` and integer labels ``y [n]`` as a dataset of ``(x, label)`` items. Labels may also
     be class names (strings), numbered in sorted order (they become the ``class_names``).
 
-    ``uint8`` inputs are served as floats in [0, 1]. Give ``class_names`` (one per distinct label) so the data
+    ``uint8`` inputs (images) stay ``uint8`` in episodes, a quarter of float32's bytes on their way to the device,
+    where the learner converts them to floats in [0, 1]; a single item is served as floats.
+
+    Give ``class_names`` (one per distinct label) so the data
     module can check that train, validation and test classes are disjoint.
 
     Example:
@@ -48,8 +51,8 @@ class TensorClassDataset(Dataset):
         return len(self.labels)
 
     def gather(self, indices: Tensor) -> Tensor:
-        out = self.x[indices]
-        return out.float().div_(255) if out.dtype == torch.uint8 else out
+        return self.x[indices]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.gather(torch.tensor([index]))[0], int(self.labels[index])
+        x = self.x[index]
+        return x.float().div_(255) if x.dtype == torch.uint8 else x, int(self.labels[index])
