@@ -21,12 +21,13 @@ $(STAMP):
 
 # learn2learn 0.2.0 is a peer we test against; its sdist does not build on Python 3.11 with build isolation,
 # so it is built with the recipe from DEVELOPERS.md. A failure here is reported, not fatal: tests that need it skip
-# (except under CI=true, where they fail).
+# (except under CI=true, where they fail). qpth (one of its imports) pins numpy<2 in its metadata only: installed
+# without its dependencies, so numpy stays 2.x, which pyarrow (under `datasets`) needs and learn2learn runs on.
 l2l:
 	@$(BIN)/python -c "import learn2learn" 2>/dev/null || ( \
 	  $(BIN)/pip install -q cython setuptools && \
 	  $(BIN)/pip install -q --no-deps --no-build-isolation -C--global-option=build_ext learn2learn==0.2.0 && \
-	  $(BIN)/pip install -q gym scipy qpth ) || echo "warning: learn2learn could not be installed; comparison tests will skip"
+	  $(BIN)/pip install -q gym scipy && $(BIN)/pip install -q --no-deps qpth ) || echo "warning: learn2learn could not be installed; comparison tests will skip"
 
 test: setup
 	$(BIN)/ruff check lightning_meta tests examples benchmarks

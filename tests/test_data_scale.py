@@ -97,6 +97,15 @@ def test_a_truncated_or_foreign_cache_file_is_named_with_the_fix(tmp_path):
     assert ClassFolder(root, image_size=12, cache=tmp_path).cache_file.built  # deleting it is the fix
 
 
+def test_an_unwritable_cache_folder_is_named_with_the_fix(tmp_path):
+    root = image_folder(tmp_path / "data", classes=2, per_class=2, suffix="png")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match=rf"Cannot create the image cache folder {blocker / 'sub'} .*: pass `cache=` a "
+                                         r"writable folder \(or set \$LIGHTNING_META_CACHE\), or `cache=False`"):
+        ClassFolder(root, cache=blocker / "sub")
+
+
 def test_two_processes_constructing_at_once_build_one_cache_and_read_equal_images(tmp_path):
     root = image_folder(tmp_path / "data", classes=6, per_class=60, size=(64, 64), suffix="png")
     code = f"""

@@ -270,6 +270,11 @@ def open_or_build(cache_dir: Path, kind: str, key: str, shape: tuple[int, ...], 
     """Map the cache of ``key`` in ``cache_dir``, building it first when no process has (one process builds while the
     others wait on a lock file; temporary files of a build that was killed are removed)."""
     path = Path(cache_dir) / f"{kind}-{shape[2]}x{shape[3]}-{key}.lmcache"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"Cannot create the image cache folder {path.parent} ({err}): pass `cache=` a writable folder "
+                         f"(or set ${ENV}), or `cache=False` to decode into this process's memory.") from err
     built = False
     if not path.exists():
         with _locked(path.with_name(path.name + ".lock")):
