@@ -78,5 +78,6 @@ def test_attention_learner_does_sinusoid_regression():
 def test_bad_attention_settings_are_rejected():
     with pytest.raises(ValueError, match=r"Expected `dim` \(30\) to be divisible by `heads` \(4\)"):
         AttentionLearner(MLP(8, (16,)), dim=30, heads=4)
-    with pytest.raises(ValueError, match="Pass `embedding_dim`"):
-        AttentionLearner(torch.nn.Linear(8, 8))
+    lazy = AttentionLearner(torch.nn.Linear(8, 6), max_way=5, dim=16)  # no stated width: one forward of an input (#23)
+    episode = Episode(torch.randn(1, 3, 8), torch.arange(3)[None], torch.randn(1, 2, 8), torch.zeros(1, 2).long())
+    assert lazy(episode).shape == (1, 2, 3) and lazy.hparams.embedding_dim == 6

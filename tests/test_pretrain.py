@@ -195,8 +195,8 @@ def test_bad_pretraining_input_is_named(tmp_path):
         trainer(max_steps=1).fit(Pretrainer(MLP(6, (8,)), num_classes=5), pretrain_dm())
     with pytest.raises(ValueError, match=r"reads the number of classes from an EpisodicDataModule\(pretrain_batch_size"):
         trainer(max_steps=1).fit(Pretrainer(MLP(8, (8,))), blob_data())
-    with pytest.raises(TypeError, match="has no `embedding_dim`, so pass `feature_dim=D`"):
-        Pretrainer(torch.nn.Linear(6, 4))
+    lazy = Pretrainer(torch.nn.Linear(6, 4), num_classes=3)  # no stated width: one forward of the first input (#23)
+    assert lazy.classify(torch.randn(2, 6)).shape == (2, 3) and lazy.hparams.feature_dim == 4
     with pytest.raises(ValueError, match="pretraining needs a labelled map-style dataset"):
         EpisodicDataModule(Sinusoid(), n_way=1, pretrain_batch_size=8).setup("fit")
     with pytest.raises(ValueError, match="`pretrain_batch_size`=200 x 1 processes = 200 examples a step, but the "

@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 import lightning as L
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from typing_extensions import override
 
@@ -235,6 +236,13 @@ class EpisodicDataModule(L.LightningDataModule):
         for source in (source for stage in STAGES for source in self.sets(stage).values()):
             if callable(getattr(source, "prepare_data", None)):
                 source.prepare_data()
+
+    def example_input(self, stream: str = "train") -> Tensor:
+        """One input of the stream (the first item of its first episode or batch, without a batch dimension), as the
+        dataset gives it: what a learner runs through its backbone once to learn the width of its embedding."""
+        batch = self._sampler(stream).batch(_stage(stream), 0, [0])
+        x = batch.x if isinstance(batch, LabelledBatch) else batch.support_x[0]
+        return x[0]
 
     def _check_eval_batches(self, stream: str) -> None:
         world, name = self._world()[0], _stage(stream)

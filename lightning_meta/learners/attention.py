@@ -8,11 +8,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_meta._checks import check_embedding_width, check_int
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional import class_prototypes
 from lightning_meta.learners.base import MetaLearner, TaskPredictor
+from lightning_meta.learners.widths import embedding_width_from_data
+from lightning_meta.models import embedding_width, infer_embedding_width
 
 
 class _Block(nn.Module):
@@ -55,7 +58,9 @@ class AttentionLearner(MetaLearner):
         max_way: the largest N accepted.
         dim, depth, heads, dropout: transformer width, blocks, attention heads and dropout.
         query_attention: let queries attend to each other (transductive).
-        embedding_dim: D, the backbone's embedding size (read from ``backbone.embedding_dim`` when absent).
+        embedding_dim: D, the backbone's embedding size; read from the backbone when absent (``embedding_dim``,
+            timm's ``num_features``), else from one forward of a training input when ``fit`` starts (or of the first
+            episode the learner sees).
         target_dim: size of each regression target (1 for scalar targets ``[B, M]``; D for ``[B, M, D]``).
 
     Example:
@@ -87,11 +92,9 @@ class AttentionLearner(MetaLearner):
         if dim % heads:
             raise ValueError(f"Expected `dim` ({dim}) to be divisible by `heads` ({heads}).")
         backbone = self.plain_backbone(backbone)
-        embedding_dim = embedding_dim or getattr(backbone, "embedding_dim", None)
-        if embedding_dim is None:
-            raise ValueError("Pass `embedding_dim`: the backbone has no `embedding_dim` attribute to read it from.")
+        embedding_dim = embedding_dim or embedding_width(backbone)
         self.backbone, self.max_way = backbone, max_way
-        self.input = nn.Linear(embedding_dim, dim)
+        self.input: Optional[nn.Linear] = nn.Linear(embedding_dim, dim) if embedding_dim else None  # else at fit start
         self.label = nn.Linear(dim, dim)  # embeds a label by its class token
         self.target = nn.Linear(target_dim, dim)  # embeds a regression target
         self.markers = nn.Parameter(torch.randn(3, dim) * 0.02)  # class, support, unknown-label
@@ -133,8 +136,20 @@ class AttentionLearner(MetaLearner):
             tokens = block(tokens, mask)
         return self.norm(tokens)
 
+    def _build_input(self, width: int) -> None:
+        self.input = nn.Linear(width, self.hparams.dim).to(self.device)
+        self.hparams.embedding_dim = width  # saved: the checkpoint loads without a forward
+
+    @override
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.input is None:  # before the optimizer is built, so that it trains the projection
+            self._build_input(embedding_width_from_data(self, self.backbone, "embedding_dim"))
+
     def forward_episode(self, batch: Episode) -> Tensor:
         sx, sy, qx, _ = batch
+        if self.input is None:  # outside fit, with a backbone that states no width: one forward of an input
+            self._build_input(infer_embedding_width(self.backbone, sx[0, 0]))
         n_way = 0 if sy.is_floating_point() else int(sy.max()) + 1
         return self.compiled("episode outputs", self.episode_outputs)(sx, sy, qx, n_way)
 

@@ -111,6 +111,8 @@ class MAML(MetaLearner):
             norm.track_running_stats = False
             norm.running_mean = norm.running_var = norm.num_batches_tracked = None
         module = self.adapted_module()
+        if not first_order or first_order_epochs:
+            _check_twice_differentiable(module)
         self.adapted_names = [n for n, p in module.named_parameters() if p.requires_grad]
         if not self.adapted_names:
             raise ValueError("The backbone has no trainable parameters to adapt.")
@@ -349,3 +351,17 @@ class MAML(MetaLearner):
                 return like_targets(out, sy[:1].expand(x.shape[0], *sy.shape[1:]))
 
         return TaskPredictor(predict, n_way)
+
+
+def _check_twice_differentiable(module: nn.Module) -> None:
+    """Second-order MAML differentiates the inner loop's gradient again. Fused attention kernels (timm's ``Attention``
+    with ``fused_attn=True``, i.e. ``F.scaled_dot_product_attention``'s flash/efficient kernels) have no second
+    derivative: refuse them here, with the fixes, instead of failing in the first backward."""
+    fused = [name for name, m in module.named_modules() if getattr(m, "fused_attn", False) is True]
+    if fused:
+        raise ValueError(
+            f"The adapted network has fused attention ({fused[0]}{' and others' if len(fused) > 1 else ''}: "
+            "F.scaled_dot_product_attention), which has no second derivative, so the second-order meta-gradient "
+            "cannot be taken. Use first_order=True, or switch fused attention off before training: "
+            "for m in backbone.modules(): m.fused_attn = False (timm; the same attention, computed step by step)."
+        )

@@ -6,12 +6,19 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_meta._checks import check_choice
 from lightning_meta.data.episode import Episode, LabelledBatch
+from lightning_meta.functional.heads import cosine_classifier_logits
 from lightning_meta.learners.base import as_targets
 from lightning_meta.learners.protonet import ProtoNet
+from lightning_meta.learners.widths import embedding_width_from_data
+from lightning_meta.models import embedding_width, infer_embedding_width
+
+CLASSIFIERS = ("linear", "cosine")
 
 
 class Pretrainer(ProtoNet):
@@ -28,8 +35,11 @@ class Pretrainer(ProtoNet):
     Args:
         backbone: maps ``[n, ...]`` inputs to embeddings ``[n, D]`` (e.g. ``Conv4()``).
         num_classes: C; ``None`` reads it from the data module (``pretrain_classes``) when ``fit`` starts.
-        feature_dim: D; read from ``backbone.embedding_dim`` (every backbone of :mod:`lightning_meta.models`) if not
-            given.
+        feature_dim: D; read from the backbone when not given (``embedding_dim`` of :mod:`lightning_meta.models`,
+            timm's ``num_features``), else from one forward of a training input when ``fit`` starts (or of the first
+            batch :meth:`classify` sees).
+        classifier: ``"linear"`` (Baseline) or ``"cosine"``: Baseline++ (Chen et al. 2019), logits ``scale`` times
+            the cosine between an embedding and each class's weight vector.
         distance: how few-shot evaluation compares a query to the prototypes (``"cosine"`` or ``"euclidean"``).
         scale: the temperature of cosine logits in evaluation (it scales the loss, not the accuracy).
         label_smoothing: of the cross-entropy.
@@ -49,6 +59,7 @@ class Pretrainer(ProtoNet):
         backbone: nn.Module,
         num_classes: Optional[int] = None,
         feature_dim: Optional[int] = None,
+        classifier: str = "linear",
         distance: str = "cosine",
         scale: float = 10.0,
         label_smoothing: float = 0.0,
@@ -61,16 +72,20 @@ class Pretrainer(ProtoNet):
             raise ValueError(f"Expected `num_classes` to be an integer >= 2 (or None), but got {num_classes!r}.")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"Expected `label_smoothing` in [0, 1), but got {label_smoothing}.")
-        feature_dim = feature_dim or getattr(backbone, "embedding_dim", None)
-        if not isinstance(feature_dim, int) or feature_dim < 1:
-            raise TypeError(
-                f"Pretrainer needs the width of the backbone's embedding: {type(backbone).__name__} has no "
-                "`embedding_dim`, so pass `feature_dim=D` (the size of backbone(x).flatten(1))."
-            )
+        check_choice("classifier", classifier, CLASSIFIERS)
+        feature_dim = feature_dim or embedding_width(self.backbone)
+        if feature_dim is not None and (not isinstance(feature_dim, int) or feature_dim < 1):
+            raise ValueError(f"Expected `feature_dim` to be a positive integer (or None), but got {feature_dim!r}.")
         self.hparams.feature_dim = feature_dim
-        self.classifier: Optional[nn.Linear] = None
-        if num_classes is not None:
-            self.classifier = nn.Linear(feature_dim, num_classes)
+        self.classifier: Optional[nn.Module] = None
+        if num_classes is not None and feature_dim is not None:
+            self.classifier = self._new_classifier(feature_dim, num_classes)
+
+    def _new_classifier(self, feature_dim: int, num_classes: int) -> nn.Module:
+        self.hparams.feature_dim = feature_dim  # saved: the checkpoint loads without a forward
+        if self.hparams.classifier == "cosine":
+            return CosineClassifier(feature_dim, num_classes, self.hparams.scale)
+        return nn.Linear(feature_dim, num_classes)
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -82,25 +97,28 @@ class Pretrainer(ProtoNet):
         if stage != "fit":
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        if not getattr(datamodule, "pretrain_batch_size", None):
-            if self.classifier is None:
-                raise ValueError(
-                    "Pretrainer(num_classes=None) reads the number of classes from an "
-                    "EpisodicDataModule(pretrain_batch_size=...); with another data module pass `num_classes`."
-                )
-            return
-        classes = datamodule.pretrain_classes
-        if self.classifier is None:
-            self.classifier = nn.Linear(self.hparams.feature_dim, classes)
-            self.hparams.num_classes = classes  # saved with the checkpoint, so it loads without the data module
-        elif classes != self.classifier.out_features:
+        classes = datamodule.pretrain_classes if getattr(datamodule, "pretrain_batch_size", None) else None
+        if classes is None and self.hparams.num_classes is None:
             raise ValueError(
-                f"The training dataset has {classes} classes but Pretrainer(num_classes={self.classifier.out_features})"
+                "Pretrainer(num_classes=None) reads the number of classes from an "
+                "EpisodicDataModule(pretrain_batch_size=...); with another data module pass `num_classes`."
+            )
+        if classes is not None and self.hparams.num_classes not in (None, classes):
+            raise ValueError(
+                f"The training dataset has {classes} classes but Pretrainer(num_classes={self.hparams.num_classes})"
                 f": pass num_classes={classes}, or None to read it from the data module."
             )
+        if self.classifier is None:  # before the optimizer is built, so that it trains the classifier
+            num_classes = classes or self.hparams.num_classes
+            self.hparams.num_classes = num_classes  # saved with the checkpoint, so it loads without the data module
+            width = self.hparams.feature_dim or embedding_width_from_data(self, self.backbone, "feature_dim")
+            self.classifier = self._new_classifier(width, num_classes)
 
     def classify(self, x: Tensor) -> Tensor:
         """Logits ``[n, C]`` over the training classes."""
+        if self.classifier is None and self.hparams.num_classes is not None:  # D unknown until now: one forward
+            self.classifier = self._new_classifier(infer_embedding_width(self.backbone, x[0]), self.hparams.num_classes)
+            self.classifier.to(x.device)
         if self.classifier is None:
             raise RuntimeError("The classifier is built when fit starts (num_classes=None): pass `num_classes` to use "
                                "it before training.")
@@ -110,6 +128,7 @@ class Pretrainer(ProtoNet):
         """:meth:`classify` as a pure tensor function (compiled with ``compile=True``)."""
         z = self.embed(x)  # float32 (ProtoNet's distances): in the classifier's dtype (64-true, bf16-true)
         return self.classifier(z.to(self.classifier.weight.dtype))
+
 
     def prepare_batch(self, batch: Any) -> LabelledBatch:
         """A training batch as a :class:`LabelledBatch` in the weights' dtype, its labels checked against C."""
@@ -135,3 +154,21 @@ class Pretrainer(ProtoNet):
         # checked and logged as one task whose queries are the batch (train/loss, train/acc)
         episode = Episode(batch.x[:0].unsqueeze(0), batch.y[:0].unsqueeze(0), batch.x.unsqueeze(0), batch.y[None])
         return self.finish_training_step(episode, logits.unsqueeze(0), loss)
+
+
+class CosineClassifier(nn.Module):
+    """Baseline++'s classifier (Chen et al. 2019): ``scale * cos(z, w_c)`` for each class weight vector ``w_c``.
+
+    Example:
+        >>> CosineClassifier(4, 3, scale=10.0)(torch.randn(2, 4)).abs().max() <= 10
+        tensor(True)
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 10.0) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scale = in_features, out_features, scale
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return cosine_classifier_logits(z, self.weight, self.scale)

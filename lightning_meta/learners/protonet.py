@@ -1,16 +1,24 @@
-"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017)."""
+"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017), and the heads fitted at test time on the same
+embedding (logistic regression, a fine-tuned linear head or network)."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_meta._checks import check_choice, check_embedding_width
+from lightning_meta._checks import check_choice, check_embedding_width, check_int, check_positive
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional import class_prototypes, cosine_logits, squared_euclidean
+from lightning_meta.functional.heads import fit_linear, fit_logistic, l2_normalize, linear_logits
 from lightning_meta.learners.base import MetaLearner, TaskPredictor
 
 DISTANCES = ("euclidean", "cosine")
+HEADS = ("prototype", "logistic", "finetune")
+Classifier = tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]  # (embed inputs, logits of embeddings)
 
 
 class ProtoNet(MetaLearner):
@@ -21,9 +29,15 @@ class ProtoNet(MetaLearner):
     queries ``[B, M, C, H, W]`` -> logits ``[B, M, N]``. All tasks of a meta-batch go through the backbone in one call.
 
     Args:
-        backbone: maps ``[n, ...]`` inputs to embeddings ``[n, D]`` (e.g. ``Conv4()``).
+        backbone: maps ``[n, ...]`` inputs to embeddings ``[n, D]`` (e.g. ``Conv4()``, a timm or torchvision model).
         distance: ``"euclidean"`` (the paper) or ``"cosine"``.
         scale: initial temperature of cosine logits; learned when ``learn_scale``.
+        head: how a new task is classified, in :meth:`adapt`, validation and test (training always uses prototypes):
+            ``"prototype"`` (nearest class mean), ``"logistic"`` (multinomial logistic regression on L2-normalised
+            support embeddings, fitted by L-BFGS on the device: Tian et al. 2020's recipe, ``head_c`` its inverse
+            regularisation as scikit-learn's ``C``) or ``"finetune"`` (a linear head from zero trained ``head_steps``
+            SGD steps on batches of 4 support examples at ``head_lr``: Chen et al. 2019's Baseline; with
+            ``finetune_backbone=True`` a copy of the whole network is trained with it, as Dhillon et al. 2020 do).
         **kwargs: optimizer options of :class:`MetaLearner`.
 
     Example:
@@ -43,10 +57,19 @@ class ProtoNet(MetaLearner):
         distance: str = "euclidean",
         scale: float = 10.0,
         learn_scale: bool = True,
+        head: str = "prototype",
+        head_steps: int = 100,
+        head_lr: float = 0.01,
+        head_c: float = 1.0,
+        finetune_backbone: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         check_choice("distance", distance, DISTANCES)
+        check_choice("head", head, HEADS)
+        check_int("head_steps", head_steps, 0)
+        check_positive("head_lr", head_lr)
+        check_positive("head_c", head_c)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"Expected `backbone` to be an nn.Module, but got {type(backbone).__name__}.")
         self.backbone = self.plain_backbone(backbone)
@@ -76,7 +99,11 @@ class ProtoNet(MetaLearner):
 
     def forward_episode(self, batch: Episode) -> Tensor:
         sx, sy, qx, _ = batch
-        return self.compiled("episode logits", self.episode_logits)(sx, sy, qx, int(sy.max()) + 1)
+        n_way = int(sy.max()) + 1
+        if self.training or self.hparams.head == "prototype":
+            return self.compiled("episode logits", self.episode_logits)(sx, sy, qx, n_way)
+        # another head: fitted per task, exactly as adapt() fits it
+        return torch.stack([self._classify(self.fit_head(sx[i], sy[i], n_way), qx[i]) for i in range(len(sx))])
 
     def episode_logits(self, sx: Tensor, sy: Tensor, qx: Tensor, n_way: int) -> Tensor:
         """Query logits ``[B, M, N]`` of a meta-batch with ``n_way`` classes: a pure tensor function (compiled with
@@ -86,16 +113,57 @@ class ProtoNet(MetaLearner):
         support, query = z[: b * s].view(b, s, -1), z[b * s :].view(b, m, -1)
         return self.logits(query, class_prototypes(support, sy, n_way))  # [B, M, N]
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskPredictor:
-        batch, n_way = self._single_task(support_x, support_y)
+    def fit_head(self, support_x: Tensor, support_y: Tensor, n_way: int) -> Classifier:
+        """The learner's ``head`` fitted on one task's support set ``[S, ...]``: ``(embed, classify)``, where
+        ``classify(embed(query_x))`` gives the logits ``[M, N]``. Gradients are enabled where a head needs them, in
+        Lightning's validation and test too."""
+        head = self.hparams.head
+        if head == "finetune" and self.hparams.finetune_backbone:
+            return self._finetune_network(support_x, support_y, n_way)
         with self.evaluating():
-            prototypes = class_prototypes(self.embed(batch.support_x[0]), batch.support_y[0], n_way)
-        if not torch.isfinite(prototypes).all():
+            z = self.embed(support_x)
+        if not torch.isfinite(z).all():
             raise ValueError("The backbone gives non-finite (NaN or infinite) embeddings for this support set: check "
                              "the inputs and the backbone's weights.")
+        if head == "prototype":
+            prototypes = class_prototypes(z[None], support_y[None], n_way)[0]
+            return self.embed, lambda q: self.logits(q, prototypes)
+        with self.gradients_enabled():
+            z = z.clone()  # a normal tensor for autograd, also when computed in inference mode
+            if head == "logistic":
+                fitted = fit_logistic(l2_normalize(z), support_y, n_way, c=self.hparams.head_c)
+                return self.embed, lambda q: linear_logits(fitted, l2_normalize(q))
+            fitted = fit_linear(z, support_y, n_way, steps=self.hparams.head_steps, lr=self.hparams.head_lr)
+        return self.embed, lambda q: linear_logits(fitted, q)
 
-        def predict(query_x: Tensor) -> Tensor:
-            with self.evaluating():
-                return self.logits(self.embed(self.as_inputs(query_x, "query_x")), prototypes)
+    def _finetune_network(self, support_x: Tensor, support_y: Tensor, n_way: int) -> Classifier:
+        """A copy of the backbone and a zero-initialised linear head, trained together ``head_steps`` SGD steps on
+        batches of 4 support examples (evaluation mode: batch-norm statistics stay the trained ones)."""
+        with self.gradients_enabled():  # the copy too: a copy made in inference mode could not be trained
+            network = copy.deepcopy(self.backbone).eval()
+            x, y = support_x.clone(), support_y.clone()
+            width = network(x[:1]).flatten(1).shape[1]
+            weight = torch.zeros(n_way, width, device=x.device, requires_grad=True)
+            bias = torch.zeros(n_way, device=x.device, requires_grad=True)
+            params = [p for p in network.parameters() if p.is_floating_point()] + [weight, bias]
+            for p in params:
+                p.requires_grad_(True)
+            optimizer = torch.optim.SGD(params, lr=self.hparams.head_lr, momentum=0.9, weight_decay=1e-3)
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(self.hparams.head_steps):
+                pick = torch.randperm(len(x), generator=generator)[:4].to(x.device)
+                optimizer.zero_grad()
+                F.cross_entropy(network(x[pick]).flatten(1).float() @ weight.T + bias, y[pick]).backward()
+                optimizer.step()
+        fitted = (weight.detach(), bias.detach())
+        return lambda q: network(q).flatten(1).float(), lambda z: linear_logits(fitted, z)
 
-        return TaskPredictor(predict, n_way)
+    def _classify(self, classifier: Classifier, query_x: Tensor) -> Tensor:
+        embed, classify = classifier
+        with self.evaluating():
+            return classify(embed(query_x))
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskPredictor:
+        batch, n_way = self._single_task(support_x, support_y)
+        classifier = self.fit_head(batch.support_x[0], batch.support_y[0], n_way)
+        return TaskPredictor(lambda query_x: self._classify(classifier, self.as_inputs(query_x, "query_x")), n_way)
