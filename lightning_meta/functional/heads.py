@@ -8,6 +8,8 @@ Shapes: support embeddings ``[S, D]`` with labels ``[S]`` in ``0..N-1`` -> a hea
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,11 +55,15 @@ def fit_logistic(support: Tensor, labels: Tensor, n_way: int, c: float = 1.0, ma
 
 def fit_linear(support: Tensor, labels: Tensor, n_way: int, steps: int = 100, lr: float = 0.01,
                momentum: float = 0.9, weight_decay: float = 1e-3, batch_size: int = 4,
-               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """A linear head on frozen embeddings, trained by ``steps`` SGD steps on mini-batches of the support set (Chen et
-    al. 2019's Baseline: SGD, lr 0.01, momentum 0.9, weight decay 1e-3, batches of 4), starting from zero weights (so
-    zero steps is the untrained head: every class equally likely). Mini-batches are drawn from ``generator`` (a fixed
-    seed by default, so a task's head does not depend on the global random state).
+               generator: torch.Generator | None = None, embed: Callable[[Tensor], Tensor] | None = None,
+               parameters: Sequence[Tensor] = ()) -> tuple[Tensor, Tensor]:
+    """A linear head trained by ``steps`` SGD steps on mini-batches of the support set (Chen et al. 2019's Baseline:
+    SGD, lr 0.01, momentum 0.9, weight decay 1e-3, batches of 4), starting from zero weights (so zero steps is the
+    untrained head: every class equally likely). Mini-batches are drawn from ``generator`` (a fixed seed by default,
+    so a task's head does not depend on the global random state).
+
+    ``support`` holds frozen embeddings ``[S, D]``; or, with ``embed``, inputs that ``embed`` maps to embeddings at
+    every step, trained together with the head through ``parameters`` (a copy of a network: fine-tuning it whole).
 
     Example:
         >>> z = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
@@ -66,17 +72,19 @@ def fit_linear(support: Tensor, labels: Tensor, n_way: int, steps: int = 100, lr
         >>> linear_logits(fit_linear(z, torch.tensor([0, 0, 1, 1]), 2), z).argmax(1).tolist()
         [0, 0, 1, 1]
     """
-    x = support.detach().float()
+    x = support.detach() if embed is not None else support.detach().float()
+    embed = embed or (lambda v: v)
     y = labels.to(x.device).long()
-    weight = torch.zeros(n_way, x.shape[1], device=x.device, requires_grad=True)
-    bias = torch.zeros(n_way, device=x.device, requires_grad=True)
-    optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=momentum, weight_decay=weight_decay)
-    generator = generator or torch.Generator().manual_seed(0)
     with torch.enable_grad():
+        width = embed(x[:1]).flatten(1).shape[1]
+        weight = torch.zeros(n_way, width, device=x.device, requires_grad=True)
+        bias = torch.zeros(n_way, device=x.device, requires_grad=True)
+        optimizer = torch.optim.SGD([*parameters, weight, bias], lr=lr, momentum=momentum, weight_decay=weight_decay)
+        generator = generator or torch.Generator().manual_seed(0)
         for _ in range(steps):
             pick = torch.randperm(len(x), generator=generator)[:batch_size].to(x.device)
             optimizer.zero_grad()
-            F.cross_entropy(x[pick] @ weight.T + bias, y[pick]).backward()
+            F.cross_entropy(embed(x[pick]) @ weight.T + bias, y[pick]).backward()
             optimizer.step()
     return weight.detach().to(support.dtype), bias.detach().to(support.dtype)
 

@@ -7,7 +7,6 @@ import copy
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_meta._checks import check_choice, check_embedding_width, check_int, check_positive
@@ -137,26 +136,18 @@ class ProtoNet(MetaLearner):
         return self.embed, lambda q: linear_logits(fitted, q)
 
     def _finetune_network(self, support_x: Tensor, support_y: Tensor, n_way: int) -> Classifier:
-        """A copy of the backbone and a zero-initialised linear head, trained together ``head_steps`` SGD steps on
-        batches of 4 support examples (evaluation mode: batch-norm statistics stay the trained ones)."""
+        """A copy of the backbone and a zero-initialised linear head, trained together as :func:`fit_linear` trains a
+        head (evaluation mode: batch-norm statistics stay the trained ones)."""
         with self.gradients_enabled():  # the copy too: a copy made in inference mode could not be trained
             network = copy.deepcopy(self.backbone).eval()
-            x, y = support_x.clone(), support_y.clone()
-            width = network(x[:1]).flatten(1).shape[1]
-            weight = torch.zeros(n_way, width, device=x.device, requires_grad=True)
-            bias = torch.zeros(n_way, device=x.device, requires_grad=True)
-            params = [p for p in network.parameters() if p.is_floating_point()] + [weight, bias]
-            for p in params:
-                p.requires_grad_(True)
-            optimizer = torch.optim.SGD(params, lr=self.hparams.head_lr, momentum=0.9, weight_decay=1e-3)
-            generator = torch.Generator().manual_seed(0)
-            for _ in range(self.hparams.head_steps):
-                pick = torch.randperm(len(x), generator=generator)[:4].to(x.device)
-                optimizer.zero_grad()
-                F.cross_entropy(network(x[pick]).flatten(1).float() @ weight.T + bias, y[pick]).backward()
-                optimizer.step()
-        fitted = (weight.detach(), bias.detach())
-        return lambda q: network(q).flatten(1).float(), lambda z: linear_logits(fitted, z)
+            params = [p.requires_grad_(True) for p in network.parameters() if p.is_floating_point()]
+
+            def embed(x: Tensor) -> Tensor:
+                return network(x).flatten(1).float()
+
+            fitted = fit_linear(support_x.clone(), support_y.clone(), n_way, steps=self.hparams.head_steps,
+                                lr=self.hparams.head_lr, embed=embed, parameters=params)
+        return embed, lambda z: linear_logits(fitted, z)
 
     def _classify(self, classifier: Classifier, query_x: Tensor) -> Tensor:
         embed, classify = classifier
