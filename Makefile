@@ -31,13 +31,15 @@ l2l:
 
 test: setup
 	$(BIN)/ruff check lightning_meta tests examples benchmarks
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=25
 
 demo: setup
 	$(BIN)/python examples/demo.py
 
 lint: setup
 	$(BIN)/ruff check lightning_meta tests examples benchmarks
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python benchmarks/bench_sampling.py

@@ -1,5 +1,5 @@
 """Training throughput of the AttentionLearner beside ProtoNet, on the same pre-drawn Omniglot episodes and the same
-Conv4 backbone, both through a Lightning Trainer in this process (interleaved rounds, median).
+Conv4 backbone, both through a Lightning Trainer in this process (timing.compare: interleaved rounds, median).
 
     python benchmarks/bench_attention.py [--way 20 --shot 1 --query 5 --meta-batch 4 --steps 30 --rounds 3]
 """
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 
 import lightning as L
 import torch
 from bench_protonet import ROOT, Listed, timed_fit
+from timing import compare
 from torch.utils.data import DataLoader
 
 from lightning_meta import AttentionLearner, ProtoNet
@@ -34,17 +34,12 @@ def main() -> None:
     backbone = Conv4()
     learners = {"ProtoNet": lambda bb: ProtoNet(bb),
                 "AttentionLearner": lambda bb: AttentionLearner(bb, max_way=args.way, dim=128, depth=2, heads=4)}
-    times = {name: [] for name in learners}
-    for round_ in range(args.rounds + 1):  # round 0 warms up
-        for name, make in learners.items():
-            t = timed_fit(L.Trainer, L.Callback, make(copy.deepcopy(backbone)),
-                          DataLoader(Listed(episodes), batch_size=None), len(episodes))
-            if round_:
-                times[name].append(t)
+    results = compare({name: lambda make=make: timed_fit(L.Trainer, L.Callback, make(copy.deepcopy(backbone)),
+                                                         DataLoader(Listed(episodes), batch_size=None), len(episodes))
+                       for name, make in learners.items()}, rounds=args.rounds)
     print(f"{args.way}-way {args.shot}-shot {args.query}-query Omniglot, meta-batch {b}, Conv4, "
           f"{torch.get_num_threads()} threads: training throughput (median of {args.rounds} rounds)")
-    for name, t in times.items():
-        print(f"  {name:18s} {b / statistics.median(t):8.1f} episodes/s   ({statistics.median(t) * 1e3:.0f} ms/step)")
+    print(results.table(baseline="ProtoNet", work=b))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """GPU step times of every learner, and where MAML's task-parallel `vmap` pays off on a GPU (needs CUDA).
 
-Prints the median time of a training step (forward, backward, Adam) after a warm-up, per precision:
+Prints the median time of a training step (forward, backward, Adam) after a warm-up (timing.median_time), per precision:
   maml      Conv4 5-way 1-shot 15-query, meta-batch 32, 1 step, second order: vmap over tasks vs the task loop
   sinusoid  MLP 40-40, meta-batch 25, K=10: vmap vs loop
   protonet  Conv4, 60-way 1-shot 5-query episodes (the Omniglot training recipe)
@@ -30,14 +30,13 @@ import copy
 import functools
 import importlib
 import importlib.util
-import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import float_images, median_time
 
 from lightning_meta import ANIL, MAML, AttentionLearner, ProtoNet
 from lightning_meta.data import Sinusoid, SyntheticGlyphs
@@ -49,7 +48,8 @@ DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float
 
 def batches(source, way, shot, query, meta_batch, count, device):
     sampler = make_sampler(source, way, shot, query, 0, "bench")
-    return [sampler.batch("train", 0, range(s * meta_batch, (s + 1) * meta_batch)).to(device) for s in range(count)]
+    return [float_images(sampler.batch("train", 0, range(s * meta_batch, (s + 1) * meta_batch))).to(device)
+            for s in range(count)]
 
 
 def synchronize(device: str) -> None:
@@ -61,19 +61,15 @@ def step_time(model, data, precision: str, warmup: int = 3, device: str = "cuda"
     model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     dtype = DTYPES[precision]
-    times = []
-    for i, batch in enumerate(data):
-        synchronize(device)
-        start = time.perf_counter()
+
+    def step(i: int) -> None:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model.training_step(batch, i)
+            loss = model.training_step(data[i], i)
         loss.backward()
         opt.step()
-        synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return median_time(step, len(data), warmup, functools.partial(synchronize, device))
 
 
 def case_maml(steps: int) -> None:
@@ -165,10 +161,9 @@ def l2l_step_time(net, inner_lr, data, loss_fn, anil: bool = False, first_order:
     adapted = learn2learn_maml()(net.head if anil else net, lr=inner_lr, first_order=first_order)
     params = list(net.features.parameters()) + list(adapted.parameters()) if anil else list(adapted.parameters())
     opt = torch.optim.Adam(params, lr=1e-4)
-    times = []
-    for i, batch in enumerate(data):
-        synchronize(device)
-        start = time.perf_counter()
+
+    def step(i: int) -> None:
+        batch = data[i]
         opt.zero_grad(set_to_none=True)
         total = 0
         for t in range(batch.num_tasks):
@@ -181,10 +176,8 @@ def l2l_step_time(net, inner_lr, data, loss_fn, anil: bool = False, first_order:
             total = total + loss_fn(learner(qx), qy)
         (total / batch.num_tasks).backward()
         opt.step()
-        synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return median_time(step, len(data), warmup, functools.partial(synchronize, device))
 
 
 def with_peak(fn, *args, **kwargs) -> tuple[float, float]:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from timing import Stopwatch
 
 from lightning_meta import EpisodicDataModule
 from lightning_meta.data import Omniglot
@@ -55,9 +55,9 @@ def main() -> None:
                                           test_episodes=args.episodes, seed=0)
                 trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
                                     accelerator="cpu", devices=1)
-                start = time.perf_counter()
-                trainer.test(model, data, verbose=False)
-                times.append((time.perf_counter() - start) / args.episodes * 1e3)
+                with Stopwatch() as clock:
+                    trainer.test(model, data, verbose=False)
+                times.append(clock.wall / args.episodes * 1e3)
                 m = trainer.logged_metrics
                 cells.append(f"{100 * float(m['test/acc']):.2f}% +- {100 * float(m['test/acc_ci95']):.2f}%")
             print(f"| {type(model).__name__} ({Path(path).name}) | {head} | " + " | ".join(cells) + " | "

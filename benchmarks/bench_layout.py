@@ -1,6 +1,7 @@
 """Channels-last (NHWC) weights for Conv4 on this CPU: faster, but not the same result. Prints the training-step time
-of both layouts (same process, interleaved rounds, median) and each layout's float32 gradient error against a float64
-reference, for ProtoNet (60-way 1-shot 5-query episodes) and Pretrainer (batches of 128), on Omniglot-sized images.
+of both layouts (same process, timing.compare: interleaved rounds, median) and each layout's float32 gradient error
+against a float64 reference, for ProtoNet (60-way 1-shot 5-query episodes) and Pretrainer (batches of 128), on
+Omniglot-sized images.
 
     python benchmarks/bench_layout.py [--rounds 5]
 
@@ -11,10 +12,9 @@ float64 against 1e-5 for the default layout, so the library does not switch layo
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import compare, per_call
 
 from lightning_meta import Episode, LabelledBatch, Pretrainer, ProtoNet
 from lightning_meta.data import SyntheticGlyphs
@@ -56,17 +56,12 @@ def main() -> None:
             g = gradient(build(kind, channels_last=layout), batch(kind, x))
             errors[layout] = ((g - reference).norm() / reference.norm()).item()
         models = {layout: build(kind, channels_last=layout) for layout in (False, True)}
-        times = {False: [], True: []}
-        for _ in range(args.rounds + 1):  # the first round warms up and is dropped
-            for layout, model in models.items():
-                b = batch(kind, x)
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    gradient(model, b)
-                times[layout].append((time.perf_counter() - start) / args.steps)
-        default, nhwc = (statistics.median(times[k][1:]) * 1000 for k in (False, True))
-        print(f"{kind}: default layout {default:.0f} ms/step, channels_last {nhwc:.0f} ms/step ({default / nhwc:.2f}x); "
-              f"gradient error against float64: default {errors[False]:.1e}, channels_last {errors[True]:.1e}")
+        b = batch(kind, x)
+        names = {False: "default layout", True: "channels_last"}
+        results = compare({names[layout]: lambda model=model, b=b: per_call(lambda: gradient(model, b), args.steps)
+                           for layout, model in models.items()}, rounds=args.rounds)
+        print(f"{kind}: gradient error against float64: default {errors[False]:.1e}, channels_last {errors[True]:.1e}")
+        print(results.table(baseline="default layout"))
 
 
 if __name__ == "__main__":

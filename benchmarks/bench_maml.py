@@ -1,7 +1,7 @@
 """MAML meta-step speed and memory against learn2learn, side by side in one run on the same episodes and weights.
 
-Cases (second order, 1 inner step, Adam outer step; the median of timed steps after a warm-up, the contenders taking
-turns in blocks of steps on the same episodes):
+Cases (second order, 1 inner step, Adam outer step; the contenders take turns in blocks of steps on the same
+episodes after a warm-up, and each is summarised by its median (timing.compare, timing.median_time)):
   sinusoid  MLP 40-40, meta-batch 25, K=10 (ours: vmap over tasks, and the functional loop)
   omniglot  Conv4, 5-way 1-shot 15-query 28x28, meta-batch 32 (ours: the functional loop that `auto` picks for convs,
             with batch_norm="support", the default, and "transductive", learn2learn's semantics), with achieved
@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
+import itertools
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import Results, Stopwatch, compare, float_images, median_time, per_call
 
 from lightning_meta import ANIL, MAML
 from lightning_meta.data import Omniglot, Sinusoid
@@ -44,7 +44,7 @@ def batches(case: str, steps: int):
         return [sampler.batch("train", 0, range(s * 25, (s + 1) * 25)) for s in range(steps)]
     ds = Omniglot(ROOT, ["images_background_small1"])
     sampler = make_sampler(ds, 5, 1, 15, 0, "omniglot")
-    return [sampler.batch("train", 0, range(s * 32, (s + 1) * 32)) for s in range(steps)]
+    return [float_images(sampler.batch("train", 0, range(s * 32, (s + 1) * 32))) for s in range(steps)]
 
 
 def loss_fn(out, y):
@@ -129,25 +129,24 @@ def contenders(case: str, first_order: bool = False):
 
 
 def time_case(case: str, steps: int, warmup: int = 2, rounds: int = 3, every_step: bool = False,
-              runs: dict | None = None) -> dict[str, float]:
-    """Median step time per contender. The contenders alternate in blocks of ``steps`` steps on the same episodes,
-    ``rounds`` times, so machine noise falls on all of them alike while each step follows a step of its own model,
-    as in training. ``every_step`` alternates after every step instead: each step then starts with the other
-    libraries' data in the caches, which costs a small network's step more than a large one's."""
+              runs: dict | None = None) -> Results:
+    """Seconds per meta-step of each contender. The contenders alternate in blocks of ``steps`` steps on the same
+    episodes (a block's figure: its median step), ``rounds`` times, so machine noise falls on all of them alike while
+    each step follows a step of its own model, as in training. ``every_step`` alternates after every step instead:
+    each step then starts with the other libraries' data in the caches, which costs a small network's step more than
+    a large one's."""
     data = batches("omniglot" if case == "compiled" else case, steps + warmup)
     runs = runs or contenders(case)
-    times = {name: [] for name in runs}
     for step in runs.values():
         for batch in data[:warmup]:
             step(batch)
-    order = ([[(name, b)] for _ in range(rounds) for b in data[warmup:] for name in runs] if every_step else
-             [[(name, b) for b in data[warmup:]] for _ in range(rounds) for name in runs])
-    for block in order:
-        for name, batch in block:
-            start = time.perf_counter()
-            runs[name](batch)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    timed = data[warmup:]
+    if every_step:
+        cursors = {name: itertools.cycle(timed) for name in runs}
+        return compare({name: lambda name=name, run=run: run(next(cursors[name])) for name, run in runs.items()},
+                       rounds=rounds * len(timed), warmup=0)
+    return compare({name: lambda run=run: median_time(lambda i: run(timed[i]), len(timed)) for name, run in runs.items()},
+                   rounds=rounds, warmup=0)
 
 
 FAMILIES = (  # operator families of a profile, by the first pattern an event's name contains
@@ -164,10 +163,9 @@ def profile_step(step, batch) -> None:
     profiled total; the rest is every other operator (elementwise arithmetic, copies, autograd bookkeeping)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof, Stopwatch() as clock:
         step(batch)
-        wall = time.perf_counter() - start
+    wall = clock.wall
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e3
     grouped = dict.fromkeys([name for name, _ in FAMILIES] + ["everything else"], 0.0)
@@ -184,10 +182,9 @@ def case_compiled(steps: int, profile: bool) -> None:
     print("Omniglot Conv4 5-way 1-shot 15-query, meta-batch 32, 1 step, second order, compiled (inductor):")
     runs = contenders("compiled")
     first = batches("omniglot", 1)[0]
-    start = time.perf_counter()
-    runs["lightning-meta compiled"](first)
-    print(f"  first compiled step (compiles the inner loop, and checks it against eager once): "
-          f"{time.perf_counter() - start:.1f} s")
+    with Stopwatch() as clock:
+        runs["lightning-meta compiled"](first)
+    print(f"  first compiled step (compiles the inner loop, and checks it against eager once): {clock.wall:.1f} s")
     report("compiled", time_case("compiled", steps, runs=runs))
     if profile:
         for name, step in runs.items():
@@ -208,10 +205,7 @@ def gflops_of_step(batch) -> float:
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    return 2 * n**3 / per_call(lambda: a @ b, reps) / 1e9
 
 
 def memory_child(name: str) -> None:
@@ -230,10 +224,8 @@ def _rss_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-def report(case: str, med: dict[str, float]) -> None:
-    base = next(v for k, v in med.items() if k.startswith("learn2learn"))
-    for name, t in med.items():
-        print(f"  {name:24s} {t * 1e3:9.1f} ms/meta-step   {base / t:5.1f}x learn2learn")
+def report(case: str, results: Results) -> None:
+    print(results.table(baseline=next(k for k in results if k.startswith("learn2learn")), unit="meta-step"))
 
 
 def main() -> None:
@@ -253,10 +245,11 @@ def main() -> None:
         report("sinusoid", time_case("sinusoid", max(args.steps, 20), every_step=args.every_step))
     if "omniglot" in args.cases:
         print("Omniglot Conv4 5-way 1-shot 15-query, meta-batch 32, 1 step, second order:")
-        med = time_case("omniglot", args.steps, every_step=args.every_step)
-        report("omniglot", med)
+        results = time_case("omniglot", args.steps, every_step=args.every_step)
+        report("omniglot", results)
         gflop = gflops_of_step(batches("omniglot", 1)[0])
-        print(f"  one meta-step = {gflop:.1f} GFLOP: lightning-meta achieves {gflop / med['lightning-meta']:.1f} GFLOP/s; "
+        achieved = gflop / results.median("lightning-meta")
+        print(f"  one meta-step = {gflop:.1f} GFLOP: lightning-meta achieves {achieved:.1f} GFLOP/s; "
               f"this machine's float32 matmul peak: {matmul_gflops():.1f} GFLOP/s")
     if "anil" in args.cases:
         print("ANIL, same Omniglot setup:")

@@ -1,7 +1,7 @@
 """Per-episode training step time of the Lightning ProtoNet against a bare PyTorch loop and learn2learn's
 LightningPrototypicalNetworks, on the same pre-drawn Omniglot episodes (images_background_small1, 28x28) and the same
-Conv4, in one process. Rounds are interleaved, one untimed warm-up round first, and the median is reported,
-since this machine is shared and noisy.
+Conv4, in one process (timing.compare: rounds interleaved, one untimed warm-up round first, the median reported).
+Each contender times its own steps after the first WARMUP steps of a run.
 
     python benchmarks/bench_protonet.py [--way 20 --shot 1 --query 15 --steps 60 --rounds 3]
 """
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from timing import Stopwatch, compare, float_images
 from torch.utils.data import DataLoader
 
 from lightning_meta import ProtoNet
@@ -42,9 +41,10 @@ class Listed(torch.utils.data.Dataset):
 
 def bare(backbone, episodes) -> float:
     opt = torch.optim.Adam(backbone.parameters(), lr=1e-3)
+    clock = Stopwatch()
     for i, ep in enumerate(DataLoader(Listed(episodes), batch_size=None)):
         if i == WARMUP:
-            start = time.perf_counter()
+            clock.start()
         sx, sy, qx, qy = ep
         b, s, m = sx.shape[0], sx.shape[1], qx.shape[1]
         z = backbone(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)])).flatten(1)
@@ -54,25 +54,26 @@ def bare(backbone, episodes) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return (time.perf_counter() - start) / (len(episodes) - WARMUP)
+    clock.stop()
+    return clock.wall / (len(episodes) - WARMUP)
 
 
 def timed_fit(trainer_cls, callback_cls, module, loader, steps) -> float:
-    marks = {}
+    clock = Stopwatch()
 
     class Clock(callback_cls):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == WARMUP:
-                marks["start"] = time.perf_counter()
+                clock.start()
 
         def on_train_end(self, trainer, pl_module):
-            marks["end"] = time.perf_counter()
+            clock.stop()
 
     trainer = trainer_cls(max_steps=steps, callbacks=[Clock()], logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                           accelerator="cpu", devices=1)
     trainer.fit(module, loader)
-    return (marks["end"] - marks["start"]) / (steps - WARMUP)
+    return clock.wall / (steps - WARMUP)
 
 
 def ours(backbone, episodes) -> float:
@@ -109,7 +110,7 @@ def main() -> None:
     args = p.parse_args()
     ds = Omniglot(args.root, ["images_background_small1"])
     sampler = ClassEpisodeSampler(ds, args.way, args.shot, args.query, seed=0)
-    episodes = [sampler.batch("train", 0, [i]) for i in range(args.steps)]
+    episodes = [float_images(sampler.batch("train", 0, [i])) for i in range(args.steps)]
     torch.manual_seed(0)
     backbone = Conv4()
     try:
@@ -120,21 +121,15 @@ def main() -> None:
     except Exception as err:
         print(f"learn2learn not importable ({err}): comparing against the bare loop only")
         contenders = {"bare loop": bare, "lightning-meta": ours}
-    times = {name: [] for name in contenders}
-    for round_ in range(args.rounds + 1):  # round 0 warms up each path (first calls, allocator) and is not counted
-        for name, fn in contenders.items():
-            t = fn(copy.deepcopy(backbone), episodes)
-            if round_:
-                times[name].append(t)
+    results = compare({name: lambda fn=fn: fn(copy.deepcopy(backbone), episodes) for name, fn in contenders.items()},
+                      rounds=args.rounds)
     print(f"{args.way}-way {args.shot}-shot {args.query}-query Omniglot episodes, Conv4, {args.steps} steps x "
           f"{args.rounds} interleaved rounds, {torch.get_num_threads()} threads; median ms per training step:")
-    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    for name, ms in med.items():
-        print(f"  {name:15s} {ms:8.2f} ms   (rounds: {', '.join(f'{x * 1e3:.2f}' for x in times[name])})")
-    print(f"lightning-meta overhead over the bare loop: {100 * (med['lightning-meta'] / med['bare loop'] - 1):+.1f}% "
+    print(results.table(baseline="lightning-meta"))
+    print(f"lightning-meta overhead over the bare loop: {100 * (results.ratio('lightning-meta', 'bare loop') - 1):+.1f}% "
           "(target <= 5%)")
-    if "learn2learn" in med:
-        print(f"learn2learn / lightning-meta step time: {med['learn2learn'] / med['lightning-meta']:.2f}x")
+    if "learn2learn" in results:
+        print(f"learn2learn / lightning-meta step time: {results.ratio('learn2learn', 'lightning-meta'):.2f}x")
 
 
 if __name__ == "__main__":

@@ -13,21 +13,15 @@ models and not for others (runs that differ only in floating-point details), and
 from __future__ import annotations
 
 import argparse
-import resource
-import time
 
 import lightning as L
 import torch
+from timing import Stopwatch
 
 from lightning_meta import MAML, EpisodicDataModule
 from lightning_meta.data import Sinusoid
 from lightning_meta.functional import per_task_loss
 from lightning_meta.models import MLP
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main() -> None:
@@ -46,10 +40,9 @@ def main() -> None:
                                train_episodes=25 * 1000, seed=0)
     trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
-    wall, cpu = time.perf_counter(), cpu_seconds()
-    trainer.fit(model, train)
-    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    print(f"MAML sinusoid: {trainer.global_step} meta-steps in {wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min "
+    with Stopwatch() as clock:
+        trainer.fit(model, train)
+    print(f"MAML sinusoid: {trainer.global_step} meta-steps in {clock.wall / 60:.1f} min wall, {clock.cpu / 60:.1f} CPU-min "
           f"on {torch.get_num_threads()} threads ({args.init} initialization)")
     torch.save(model.state_dict(), args.weights)
     test = EpisodicDataModule(test=Sinusoid(), n_way=1, n_shot=5, n_query=100, meta_batch_size=25, test_episodes=600,

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import resource
 import tempfile
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
+from timing import Stopwatch
 
 from lightning_meta import ANIL, MAML, AttentionLearner, EpisodeMean, EpisodicDataModule, ProtoNet
 from lightning_meta.data import Omniglot, RandomAffine, RandomShift
@@ -44,11 +43,6 @@ from lightning_meta.models import Conv4
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 UNSEEN = ["Japanese_(katakana)", "Sanskrit", "Tagalog"]
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def augmentation(args):
@@ -72,27 +66,11 @@ def instantiate(spec):
     return spec
 
 
-class Clock:
-    """Training time (wall and CPU) with the untimed evaluations of ``--curve`` taken out."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu = 0.0, 0.0
-        self.started: tuple[float, float] | None = None
-
-    def start(self) -> None:
-        self.started = (time.perf_counter(), cpu_seconds())
-
-    def stop(self) -> None:
-        wall, cpu = self.started
-        self.wall, self.cpu = self.wall + time.perf_counter() - wall, self.cpu + cpu_seconds() - cpu
-        self.started = None
-
-
 class Curve(L.Callback):
     """Every ``every`` training steps: stop the clock, test 5-way 1-shot on ``episodes`` unseen-alphabet episodes,
     print the point, restart the clock."""
 
-    def __init__(self, clock: Clock, every: int, test, episodes: int, stage: str) -> None:
+    def __init__(self, clock: Stopwatch, every: int, test, episodes: int, stage: str) -> None:
         self.clock, self.every, self.stage = clock, every, stage
         self.dm = EpisodicDataModule(None, None, test, n_way=5, n_shot=1, n_query=15, eval_meta_batch_size=10,
                                      test_episodes=episodes, seed=1)
@@ -117,7 +95,7 @@ def quiet_trainer(**kwargs) -> L.Trainer:
                      **kwargs)
 
 
-def run_recipe(args, train, val, test, clock: Clock):
+def run_recipe(args, train, val, test, clock: Stopwatch):
     """Train every stage of the recipe in order; returns the last stage's learner and trainer."""
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     stages = recipe.get("stages") if isinstance(recipe, dict) else None
@@ -205,7 +183,7 @@ def main() -> None:
     train = Omniglot(args.root, ["images_background_small1"], rotations=rot, split="train", split_fractions=(0.9, 0.1, 0))
     val = Omniglot(args.root, ["images_background_small1"], split="val", split_fractions=(0.9, 0.1, 0))
     test = Omniglot(args.root, ["images_background_small2"], alphabets=UNSEEN)
-    clock = Clock()
+    clock = Stopwatch()
     if args.recipe:
         model, trainer = run_recipe(args, train, val, test, clock)
         described = f"recipe {args.recipe}"
@@ -219,7 +197,7 @@ def main() -> None:
     evaluate(model, train, test, args)
 
 
-def run_flags(args, train, val, test, clock: Clock):
+def run_flags(args, train, val, test, clock: Stopwatch):
     """The learner, data and budget the flags describe (the README's earlier figures)."""
     if args.learner == "protonet":
         model, way, shot, query, batch = ProtoNet(Conv4(), lr=1e-3), 60, 1, 5, 1

@@ -7,7 +7,7 @@ import pickle
 import random
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -85,7 +85,7 @@ class CheckedCheckpointIO(TorchCheckpointIO):
 
 def rng_states() -> dict:
     """The global random states a training step may draw from (dropout, user code)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    name, keys, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     # plain types and tensors only, so the checkpoint still loads with torch.load(weights_only=True)
     states = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
               "python": random.getstate()}

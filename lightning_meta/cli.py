@@ -61,7 +61,7 @@ class MetaCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self.prediction_writer = PredictionWriter()
-        self.trainer.callbacks.append(self.prediction_writer)
+        self.trainer.callbacks.append(self.prediction_writer)  # type: ignore[attr-defined]
 
     def after_predict(self) -> None:
         if self.prediction_writer.path is not None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_meta.checkpoint import rng_states, set_rng_states
@@ -141,13 +142,13 @@ class CompiledFunction:
             return self.fn(*args)
         original, key = args, _signature(args)
         first = key not in self.checked
-        state = rng_states() if first else None
-        before = _buffers(self.module) if first else None
+        state = rng_states() if first else {}
+        before = _buffers(self.module) if first else []
         try:
             with _eager_random():
                 out = self.compiled(*args)
         except Exception as error:  # noqa: BLE001 -- decided below: eager raises too (bad input) or falls back
-            if state is not None:
+            if first:
                 set_rng_states(state)
                 _load_buffers(self.module, before)
             try:
@@ -165,7 +166,7 @@ class CompiledFunction:
         args, leaves = self._differentiable(args)
         with torch.enable_grad() if leaves else torch.no_grad():
             reference = self.fn(*(args if leaves else _detached(args)))
-        directions = _directions(reference) if leaves else None
+        directions = _directions(reference) if leaves else []
         expected = _gradients(reference, leaves, directions) if leaves else None  # before any buffer changes again
         got = None
         if leaves:  # the gradients from a second compiled call: the caller's backward runs on the first one's graph
@@ -177,7 +178,7 @@ class CompiledFunction:
         _load_buffers(self.module, updated)  # ...and the buffers (batch norm statistics) are updated once
         autocast = _autocast_dtypes()
         problem = _difference(out, reference, autocast)
-        if not problem and got is not None:
+        if not problem and got is not None and expected is not None:
             problem = _gradient_difference(got, expected, autocast)
         if not problem:
             return out
@@ -203,6 +204,68 @@ class CompiledFunction:
         self.compiled, self.reason = None, reason
         warnings.warn(f"{self.name} runs eagerly: {reason}.", CompileFallbackWarning, stacklevel=3)
         return out
+
+
+class CompiledCores:
+    """The compilation side of a learner (mixed into :class:`~lightning_meta.MetaLearner`): which compiler its cores
+    use, the cores made so far and their fallbacks, and ``torch.compile(learner)`` turned into compiled cores."""
+
+    def __init__(self, compile: Any = False) -> None:  # noqa: A002 -- the name users know from torch.compile
+        super().__init__()
+        self._compiler: Optional[Compiler] = make_compiler(compile)
+        self._compiled: dict[str, CompiledFunction] = {}
+
+    @property
+    def compiler(self) -> Optional[Compiler]:
+        """What compiles the learner's cores (``fn -> compiled fn``), or ``None`` when it runs eagerly."""
+        return self._compiler
+
+    def use_compiler(self, compiler: Optional[Compiler]) -> None:
+        """Compile the cores with ``compiler`` from now on (``None``: eager); cores compiled with another compiler
+        before are dropped (the same one keeps them: ``trainer.test(torch.compile(learner))`` after ``fit``)."""
+        if compiler is not self._compiler:
+            self._compiler, self._compiled = compiler, {}
+
+    def plain_backbone(self, backbone: nn.Module) -> nn.Module:
+        """``backbone`` itself, or for ``torch.compile(backbone)`` the module it wraps, the learner then compiling its
+        cores with the same settings (unless ``compile`` chose its own): parameter names and checkpoints stay plain."""
+        plain, compiler = unwrap_compiled(backbone)
+        if compiler is not None and self._compiler is None:
+            self.use_compiler(compiler)
+        return plain
+
+    def compiled(self, name: str, fn: Callable) -> Callable:
+        """``fn`` compiled (a :class:`CompiledFunction`, made once per ``name``) when the learner compiles, else
+        ``fn``. ``fn`` must be a pure tensor function of its arguments and the parameters."""
+        if self._compiler is None:
+            return fn
+        if name not in self._compiled:
+            module = self if isinstance(self, nn.Module) else None
+            self._compiled[name] = CompiledFunction(fn, self._compiler, f"{type(self).__name__}'s compiled {name}",
+                                                    module)
+        return self._compiled[name]
+
+    def compiled_cores(self) -> list[str]:
+        """The names of the cores made so far for compilation (compiled, or run eagerly after a fallback)."""
+        return list(self._compiled)
+
+    def compiled_fallbacks(self) -> dict[str, str]:
+        """The cores that fell back to eager, with the reason (empty when all compiled cores run compiled)."""
+        return {name: f.reason for name, f in self._compiled.items() if f.eager and f.reason}
+
+    def __getstate__(self) -> dict:  # compiled functions are rebuilt on use, not pickled or deep-copied
+        return {**super().__getstate__(), "_compiled": {}}  # type: ignore[misc]
+
+    @torch.compiler.disable
+    def _forward_compiled_by_caller(self, batch: Any) -> Any:
+        """What ``forward`` runs when ``torch.compile(learner)`` traces it: the learner compiles its cores instead
+        (with ``torch.compile``'s defaults unless it has a compiler) and runs its checks eagerly."""
+        if self._compiler is None:
+            rank_zero_info(f"torch.compile({type(self).__name__}) was called: the learner compiles its cores "
+                           "(MAML: the inner loop; see lightning_meta.compile) with torch.compile's defaults and runs "
+                           "its checks eagerly. For other settings pass compile={...} to the learner.")
+            self.use_compiler(make_compiler(True))
+        return self.forward(batch)  # type: ignore[attr-defined]
 
 
 def _signature(args: tuple) -> tuple:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Optional, cast
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -24,7 +27,7 @@ class EpisodeMean(Metric):
     """
 
     is_differentiable = False
-    higher_is_better = None
+    higher_is_better: Optional[bool] = None
     full_state_update = False
     total: Tensor
     total_sq: Tensor
@@ -36,12 +39,12 @@ class EpisodeMean(Metric):
         self.add_state("total_sq", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def _apply(self, fn, exclude_state=""):  # type: ignore[override]
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> EpisodeMean:
         # sums stay float64 whatever the module's precision: `precision="bf16-true"` converts the whole LightningModule,
         # metric states included, and bfloat16 counts integers exactly only up to 256
-        this = super()._apply(fn, exclude_state)
+        this = cast(EpisodeMean, super()._apply(fn, exclude_state))
         for key in ("total", "total_sq"):
-            this._defaults[key] = this._defaults[key].to(torch.float64)
+            this._defaults[key] = cast(Tensor, this._defaults[key]).to(torch.float64)
             setattr(this, key, getattr(this, key).to(torch.float64))
         return this
 

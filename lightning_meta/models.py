@@ -112,7 +112,7 @@ def embedding_width(module: nn.Module) -> Optional[int]:
     for name in ("embedding_dim", "num_features"):
         value = getattr(module, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            if name == "num_features" and getattr(module, "num_classes", 0):
+            if name == "num_features" and getattr(module, "num_classes", None):
                 return None  # a timm model with a classifier returns class logits, not its features
             return value
     return None
@@ -158,7 +158,7 @@ def timm_backbone(model_name: str, **kwargs: Any) -> nn.Module:
         raise ValueError("timm_backbone records the architecture, not downloaded weights: load pretrained weights into "
                          "the model after building it (a learner's checkpoint keeps them).")
     model = timm.create_model(model_name, **kwargs)
-    model.lightning_meta_spec = {"class_path": "timm.create_model", "init_args": {"model_name": model_name, **kwargs}}
+    _record_spec(model, "timm.create_model", {"model_name": model_name, **kwargs})
     return model
 
 
@@ -178,8 +178,7 @@ def torchvision_backbone(name: str, features_only: bool = True, **kwargs: Any) -
     except ImportError as err:
         raise ImportError("torchvision backbones need torchvision: pip install 'lightning-meta[vision]'.") from err
     model = models.get_model(name, weights=None, **kwargs)
-    model.lightning_meta_spec = {"class_path": "lightning_meta.models.torchvision_backbone",
-                                 "init_args": {"name": name, "features_only": features_only, **kwargs}}
+    _record_spec(model, "lightning_meta.models.torchvision_backbone", {"name": name, "features_only": features_only, **kwargs})
     if not features_only:
         return model
     for attr in ("fc", "classifier", "heads", "head"):
@@ -207,8 +206,13 @@ def build_backbone(spec: dict[str, Any]) -> nn.Module:
                           "install it, or pass the backbone: load_from_checkpoint(path, backbone=...).") from err
     model = cls(**spec["init_args"])
     if spec["class_path"] == "timm.create_model":  # recorded again, so a reloaded learner saves the same spec
-        model.lightning_meta_spec = {"class_path": spec["class_path"], "init_args": dict(spec["init_args"])}
+        _record_spec(model, spec["class_path"], dict(spec["init_args"]))
     return model
+
+
+def _record_spec(model: nn.Module, class_path: str, init_args: dict[str, Any]) -> None:
+    """Record how to build ``model`` again (read by :func:`backbone_spec`): a plain attribute, not a submodule."""
+    vars(model)["lightning_meta_spec"] = {"class_path": class_path, "init_args": init_args}
 
 
 def load_pretrained(module: nn.Module, checkpoint: str | Path) -> nn.Module:
@@ -337,8 +341,9 @@ class DropBlock(nn.Module):
     is covered by ``block_size**2`` possible blocks. Randomness comes from torch's generator (seeded runs repeat).
 
     Example:
+        >>> _ = torch.manual_seed(0)
         >>> drop = DropBlock(0.1, 5)
-        >>> x = torch.ones(8, 4, 64, 64)
+        >>> x = torch.ones(32, 8, 64, 64)  # a million activations: the fraction dropped is 0.1 to within 0.002
         >>> round(float((drop(x) == 0).float().mean()), 2), torch.equal(drop.eval()(x), x)
         (0.1, True)
     """
@@ -355,9 +360,12 @@ class DropBlock(nn.Module):
         if not self.training or self.rate == 0.0:
             return x
         gamma = 1.0 - (1.0 - self.rate) ** (1.0 / self.block_size**2)
-        centres = (torch.rand(x.shape, device=x.device) < gamma).to(x.dtype)
+        k = self.block_size
+        # centres over the map grown by k - 1 (blocks overhanging the border): every activation, at the border too,
+        # has k*k possible blocks, so it is kept with probability (1 - gamma) ** (k*k) = 1 - rate
         h, w = x.shape[-2:]
-        dropped = F.max_pool2d(centres, self.block_size, stride=1, padding=self.block_size // 2)[..., :h, :w]
+        centres = (torch.rand((*x.shape[:-2], h + k - 1, w + k - 1), device=x.device) < gamma).to(x.dtype)
+        dropped = F.max_pool2d(centres, k, stride=1)  # [..., h, w]
         keep = 1.0 - dropped
         return x * keep * (keep.numel() / keep.sum().clamp(min=1.0))
 

@@ -54,7 +54,7 @@ def swa_updates_only_running_statistics(trainer: Any) -> None:
 
     for callback in getattr(trainer, "callbacks", []):
         if isinstance(callback, StochasticWeightAveraging):
-            callback.pl_module_contains_batch_norm = keeps_running_statistics
+            callback.pl_module_contains_batch_norm = keeps_running_statistics  # type: ignore[method-assign]
 
 
 def accumulating(trainer: Any) -> bool:

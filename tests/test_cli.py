@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lightning_meta
-from conftest import OMNIGLOT
+from conftest import OMNIGLOT, wandb_worker
 from lightning_meta.cli import main, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -42,7 +42,7 @@ def common_args(config, tmp_path):
             *SMALL_DATA[kind]]
 
 
-@pytest.mark.parametrize("config", CONFIG_NAMES)
+@pytest.mark.parametrize("config", [pytest.param(c, marks=wandb_worker) if "wandb" in c else c for c in CONFIG_NAMES])
 def test_every_example_config_fits_resumes_tests_and_loads_from_its_checkpoint(config, tmp_path, monkeypatch):
     if config.endswith("_omniglot") and not (OMNIGLOT / "images_background_small1.zip").is_file():
         pytest.skip(f"real Omniglot zips not found in {OMNIGLOT}")

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import wandb_worker
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -89,6 +91,7 @@ def test_the_readme_torchrun_command_on_two_nodes_equals_one_node_with_two_proce
     assert len(list(cache.glob("*.lmcache"))) == 2  # both nodes mapped the same files (one machine here)
 
 
+@wandb_worker
 def test_wandb_example_offline_writes_the_run_with_images(tmp_path):
     pytest.importorskip("wandb")
     out = run("wandb_logging.py", "--offline", "--fast", "--save-dir", str(tmp_path), cwd=tmp_path)

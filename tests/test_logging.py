@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from conftest import wandb_worker
 from lightning_meta import MAML, EpisodicDataModule, ProtoNet
 from lightning_meta.callbacks import AdaptationCurve, EpisodeGrid
 from lightning_meta.data import SyntheticGlyphs
@@ -55,6 +56,7 @@ def test_protonet_gets_a_shots_curve_without_inner_steps(tmp_path):
     assert (tmp_path / "adaptation" / "epoch000.png").is_file()
 
 
+@wandb_worker
 def test_wandb_offline_run_holds_hyperparameters_metrics_images_and_the_checkpoint(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
@@ -69,9 +71,7 @@ def test_wandb_offline_run_holds_hyperparameters_metrics_images_and_the_checkpoi
     expected = {k: float(v) for k, v in trainer.callback_metrics.items()}
     trainer.test(model, glyph_data(), verbose=False)
     test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    import wandb
-
-    wandb.finish()
+    logger.experiment.finish()  # this run, written to disk completely, whatever else this process runs
     run_file = next(tmp_path.rglob("run-*.wandb"))
     rows = history(run_file)
     logged = {k: v for row in rows for k, v in row.items()}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import lightning as L
 import torch
@@ -14,6 +14,9 @@ from lightning_meta.callbacks._images import figure_dir, new_figure, save_and_lo
 from lightning_meta.callbacks._tasks import ValidationTasks
 from lightning_meta.data.episode import Episode
 from lightning_meta.functional.episode import episode_accuracy, per_task_loss
+
+if TYPE_CHECKING:
+    from lightning_meta.learners.base import MetaLearner
 
 
 def _first_shots(t: torch.Tensor, n_way: int, k: int, s: int) -> torch.Tensor:
@@ -55,15 +58,18 @@ class AdaptationCurve(ValidationTasks):
         n_way = 1 if regression else int(batch.support_y.max()) + 1
         k = batch.support_y.shape[1] // n_way
         shots = [s for s in (self.shots or range(1, k + 1)) if 1 <= s <= k]
-        point = {"epoch": trainer.current_epoch, "metric": "mse" if regression else "acc", "shots": [], "steps": []}
+        learner = cast("MetaLearner", pl_module)
+        point: dict[str, Any] = {"epoch": trainer.current_epoch, "metric": "mse" if regression else "acc", "shots": [],
+                                 "steps": []}
         was_training = pl_module.training
         pl_module.eval()
         for s in shots:
             sub = Episode(_first_shots(batch.support_x, n_way, k, s), _first_shots(batch.support_y, n_way, k, s),
                           batch.query_x, batch.query_y)
-            point["shots"].append((s, self._score(pl_module.forward_episode(sub), sub)))
-        if callable(getattr(pl_module, "step_outputs", None)):
-            outs = pl_module.step_outputs(batch)  # [B, S+1, M, ...]
+            point["shots"].append((s, self._score(learner.forward_episode(sub), sub)))
+        step_outputs = getattr(pl_module, "step_outputs", None)
+        if callable(step_outputs):
+            outs = step_outputs(batch)  # [B, S+1, M, ...]
             point["steps"] = [(t, self._score(outs[:, t], batch)) for t in range(outs.shape[1])]
         pl_module.train(was_training)
         self.history.append(point)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 from typing_extensions import override
@@ -11,6 +11,9 @@ from lightning_meta._checks import check_int
 from lightning_meta.callbacks._images import figure_dir, new_figure, save_and_log
 from lightning_meta.callbacks._tasks import ValidationTasks
 from lightning_meta.data.episode import Episode
+
+if TYPE_CHECKING:
+    from lightning_meta.learners.base import MetaLearner
 
 
 class EpisodeGrid(ValidationTasks):
@@ -43,7 +46,7 @@ class EpisodeGrid(ValidationTasks):
             return
         was_training = pl_module.training
         pl_module.eval()
-        predictions = pl_module.forward_episode(batch).argmax(-1).cpu()
+        predictions = cast("MetaLearner", pl_module).forward_episode(batch).argmax(-1).cpu()
         pl_module.train(was_training)
         s, q = batch.support_x.shape[1], min(batch.query_x.shape[1], self.max_queries)
         cols = max(s, q)

@@ -74,10 +74,10 @@ class _EpisodeLoader(DataLoader):
 
     def __init__(self, stream: _EpisodeStream, num_workers: int, pin_memory: bool, owner: EpisodicDataModule) -> None:
         super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
-        self._owner = owner
+        self._owner, self._stream = owner, stream
 
     def __iter__(self):
-        self._owner._before_train_iter(self.dataset)
+        self._owner._before_train_iter(self._stream)
         return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
@@ -206,7 +206,7 @@ class EpisodicDataModule(L.LightningDataModule):
     @override
     def setup(self, stage: Optional[str] = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        names = wanted.get(stage, ("train", "val", "test"))
+        names = wanted.get(stage or "", ("train", "val", "test"))
         if stage == "fit" and self.train is None:
             raise ValueError("`trainer.fit` needs training episodes, but `EpisodicDataModule(train=None)`.")
         if stage in ("validate", "test") and not self.sets(names[0]):
@@ -234,8 +234,9 @@ class EpisodicDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Fetch what the datasets need (e.g. ``Omniglot(download=True)``), once, on the first process only."""
         for source in (source for stage in STAGES for source in self.sets(stage).values()):
-            if callable(getattr(source, "prepare_data", None)):
-                source.prepare_data()
+            prepare = getattr(source, "prepare_data", None)
+            if callable(prepare):
+                prepare()
 
     def example_input(self, stream: str = "train") -> Tensor:
         """One input of the stream (the first item of its first episode or batch, without a batch dimension), as the
@@ -269,7 +270,7 @@ class EpisodicDataModule(L.LightningDataModule):
                 )
             return
         if source_kind(source) == "classes" and way < 2:
-            arg = "train_way" if name == "train" and self.hparams.train_way else "n_way"
+            arg = "train_way" if name == "train" and self.hparams["train_way"] else "n_way"
             raise ValueError(
                 f"Expected `{arg}` to be an integer >= 2 for the "
                 f"classification {name} dataset, but got {way}."

@@ -84,6 +84,7 @@ def check_item_shapes(dataset, labels: Tensor, limit: int = 5000) -> None:
     else the first item of each class. In-memory datasets (with ``gather``) hold one tensor and are not read."""
     if callable(getattr(dataset, "gather", None)):
         return
+    indices: Sequence[int]
     if len(labels) <= limit:
         indices = range(len(labels))
     else:

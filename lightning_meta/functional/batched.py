@@ -13,7 +13,7 @@ engine's per-call cost of ``torch.autograd.grad(create_graph=True)`` in every in
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ BatchedForward = Callable[[dict[str, Tensor], Tensor], Tensor]
 BatchedGrads = Callable[[dict[str, Tensor], Tensor, Tensor, float, bool], Optional[tuple[dict[str, Tensor], Tensor]]]
 
 
-def _plain(module: nn.Module, cls: type) -> bool:
+def _plain(module: nn.Module, cls: type[nn.Module]) -> bool:
     """``module`` runs ``cls.forward`` untouched: no subclass forward, no hooks, no parametrization."""
     return (type(module).forward is cls.forward and not module._forward_hooks and not module._forward_pre_hooks
             and not hasattr(module, "parametrizations"))
@@ -67,12 +67,12 @@ def _steps(module: nn.Module, names: dict[int, str]) -> Optional[list]:
         if module._forward_hooks or module._forward_pre_hooks:
             return None
         children = [_steps(child, names) for child in module]  # every use, duplicates included
-        return None if any(s is None for s in children) else [step for s in children for step in s]
+        return None if any(s is None for s in children) else [step for s in children for step in s or ()]
     if isinstance(module, Backbone) and type(module).forward is Backbone.forward:
         parts = [_steps(module.features, names)]
         if module.head is not None:
             parts.append(_steps(module.head, names))
-        return None if any(p is None for p in parts) else [step for p in parts for step in p]
+        return None if any(p is None for p in parts) else [step for p in parts for step in p or ()]
     return None
 
 
@@ -205,7 +205,7 @@ def batched_chain_grads(module: nn.Module) -> Optional[BatchedGrads]:
 
 def _chain_forward(steps: list, params: dict[str, Tensor], x: Tensor) -> tuple[list, Tensor]:
     """The chain's forward pass, keeping what its backward needs: ``(saved per step, outputs)``."""
-    h, saved = x, []
+    h, saved = x, list[Any]()
     for kind, layer, wname, bname in steps:
         if kind == "flatten":
             saved.append(h.shape)

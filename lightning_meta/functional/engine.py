@@ -28,7 +28,7 @@ import functools
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -130,7 +130,7 @@ def _removed_after(handles: list) -> Iterator[None]:
             handle.remove()
 
 
-def batch_norms(module: nn.Module) -> list[nn.Module]:
+def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The batch norms of ``module``, which the MAML family normalises task by task. ``SyncBatchNorm`` (what
     ``Trainer(sync_batchnorm=True)`` converts them to) is refused: it pools the statistics of every process, whose
     tasks differ."""
@@ -161,7 +161,7 @@ class _SupportNormalised:
         self.kept.append(args[0])
         return (args[0][:2],) + tuple(args[1:])
 
-    def after(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    def after(self, module: nn.modules.batchnorm._BatchNorm, args: tuple, output: Tensor) -> Tensor:
         x = self.kept.pop()  # [S + M, C, ...]: this task's support rows first
         dims = [0, *range(2, x.dim())]
         rows = x[: self.support] if self.support is not None else x
@@ -232,7 +232,7 @@ class Network:
     forward: Callable[[Params, Tensor], Tensor]
     chain: Optional[Callable]
     chain_grads: Optional[Callable]
-    norms: list[nn.Module]
+    norms: list[nn.modules.batchnorm._BatchNorm]
     has_conv: bool
 
     @classmethod
@@ -254,7 +254,7 @@ def out_of_place(module: nn.Module) -> Iterator[None]:
     place: the same values, but an in-place activation after one whose output its backward needs (``Tanh ->
     LeakyReLU(inplace=True)``) would overwrite that output, which autograd refuses and a hand-written gradient would
     silently get wrong. The inner loop keeps every activation for its second-order backward anyway."""
-    flagged = [m for m in module.modules() if getattr(m, "inplace", None) is True]
+    flagged: list[Any] = [m for m in module.modules() if getattr(m, "inplace", None) is True]
     for m in flagged:
         m.inplace = False
     try:
@@ -452,7 +452,8 @@ class _Stream:
         for j, g in enumerate(grads):
             if g is not None:
                 g = unscaled(g, self.scale)
-                self.sums[j] = g if self.sums[j] is None else self.sums[j] + g
+                total = self.sums[j]
+                self.sums[j] = g if total is None else total + g
         self.total = self.total + share.detach()
         return outputs.detach()  # the graph of these tasks is freed here
 

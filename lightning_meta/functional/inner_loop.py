@@ -90,7 +90,7 @@ def _sgd_step(p: Tensor, rate: Union[Tensor, float], grad: Tensor) -> Tensor:
     kernel (``add`` with ``alpha``), which matters for small networks where per-op overhead dominates."""
     fused = (isinstance(rate, float) and p.dtype == grad.dtype and p.dtype in (torch.float32, torch.float64)
              and not torch.compiler.is_compiling())  # compiled, add(alpha=) after func.grad gave wrong numbers (torch 2.14)
-    out = torch.add(p, grad, alpha=-rate) if fused else p - rate * grad
+    out = torch.add(p, grad, alpha=-rate) if fused and isinstance(rate, float) else p - rate * grad
     return out if out.dtype == p.dtype else out.to(p.dtype)
 
 

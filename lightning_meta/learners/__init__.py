@@ -1,6 +1,7 @@
+from lightning_meta.data.checks import check_episode
 from lightning_meta.learners.anil import ANIL
 from lightning_meta.learners.attention import AttentionLearner
-from lightning_meta.learners.base import MetaLearner, TaskPredictor, check_episode
+from lightning_meta.learners.base import MetaLearner, TaskPredictor
 from lightning_meta.learners.maml import MAML
 from lightning_meta.learners.metasgd import MetaSGD
 from lightning_meta.learners.pretrain import Pretrainer

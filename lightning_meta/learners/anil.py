@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -39,7 +42,7 @@ class ANIL(MAML):
         super().__init__(backbone, *args, **kwargs)
 
     def adapted_module(self) -> nn.Module:
-        return self.backbone.head
+        return cast(nn.Module, self.backbone.head)
 
     @property
     def streams(self) -> bool:
@@ -55,7 +58,7 @@ class ANIL(MAML):
         README). Under autocast batch norm runs in float32, as in the inner loop."""
         parallel = self.hparams.task_parallel
         use_vmap = parallel == "vmap" or (parallel == "auto" and support_x.is_cuda)
-        body = self.backbone.forward_features
+        body = cast(Callable[[Tensor], Tensor], self.backbone.forward_features)
 
         if use_vmap:
             batched = self.compiled("body (vmap)", torch.func.vmap(body, randomness="different"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -159,12 +159,13 @@ class AttentionLearner(MetaLearner):
         b, s, m = sx.shape[0], sx.shape[1], qx.shape[1]
         features = self.backbone(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)])).flatten(1)
         check_embedding_width(features)
-        if features.shape[1] != self.input.in_features:
+        projection = cast(nn.Linear, self.input)  # built by forward_episode or setup when embedding_dim was None
+        if features.shape[1] != projection.in_features:
             raise ValueError(
                 f"The backbone gives embeddings of size {features.shape[1]}, but the AttentionLearner was built with "
-                f"embedding_dim={self.input.in_features}: pass embedding_dim={features.shape[1]}."
+                f"embedding_dim={projection.in_features}: pass embedding_dim={features.shape[1]}."
             )
-        e = self.input(features)
+        e = projection(features)
         support, query = e[: b * s].view(b, s, -1), e[b * s :].view(b, m, -1)  # [B, S, D], [B, M, D]
         query = query + self.markers[2]
         if sy.is_floating_point():
@@ -188,7 +189,7 @@ class AttentionLearner(MetaLearner):
         both kinds of episode; joining the graph with weight zero changes no output or gradient and lets DDP, which
         refuses parameters outside the loss, train either kind."""
         params = [p for part in parts for p in (part.parameters() if isinstance(part, nn.Module) else [part])]
-        return sum(p.sum() for p in params) * 0.0
+        return cast(Tensor, sum(p.sum() for p in params)) * 0.0
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskPredictor:
         batch, n_way = self._single_task(support_x, support_y)

@@ -96,9 +96,9 @@ class MAML(MetaLearner):
         for name, value, minimum in (("inner_steps", inner_steps, 1), ("msl_epochs", msl_epochs, 1),
                                      ("first_order_epochs", first_order_epochs, 0)):
             check_int(name, value, minimum)
-        for name, value in (("eval_inner_steps", eval_inner_steps), ("task_chunk", task_chunk)):
-            if value is not None:
-                check_int(name, value, 1)
+        for name, optional in (("eval_inner_steps", eval_inner_steps), ("task_chunk", task_chunk)):
+            if optional is not None:
+                check_int(name, optional, 1)
         if inner_loss_scale is not None:
             check_positive("inner_loss_scale", inner_loss_scale)
         if per_step_lr and eval_inner_steps is not None and eval_inner_steps > inner_steps:
@@ -321,6 +321,8 @@ class MAML(MetaLearner):
                                  f"has {width[-1] if len(width) == 1 else width} outputs: build the backbone with "
                                  f"out_features={want}.")
             return
+        if n_way is None:
+            raise ValueError("check_outputs needs the episode's number of classes (n_way) for class labels.")
         heads = width[-1] if len(width) == 1 else None
         if heads is None or heads < n_way or (heads > n_way and not self.hparams.allow_wider_head):
             got = f"{heads} outputs" if heads is not None else f"outputs of shape {width} per example"

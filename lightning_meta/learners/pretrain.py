@@ -4,16 +4,16 @@ Embedding Is All You Need"; Chen et al. 2021, "Meta-Baseline")."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_meta._checks import check_choice
+from lightning_meta.data.checks import as_targets
 from lightning_meta.data.episode import Episode, LabelledBatch
 from lightning_meta.functional.heads import cosine_classifier_logits
-from lightning_meta.learners.base import as_targets
 from lightning_meta.learners.protonet import ProtoNet
 from lightning_meta.learners.widths import embedding_width_from_data
 from lightning_meta.models import embedding_width, infer_embedding_width
@@ -89,7 +89,7 @@ class Pretrainer(ProtoNet):
 
     @property
     def num_classes(self) -> Optional[int]:
-        return None if self.classifier is None else self.classifier.out_features
+        return None if self.classifier is None else cast(int, self.classifier.out_features)
 
     @override
     def setup(self, stage: str) -> None:
@@ -97,7 +97,7 @@ class Pretrainer(ProtoNet):
         if stage != "fit":
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        classes = datamodule.pretrain_classes if getattr(datamodule, "pretrain_batch_size", None) else None
+        classes = getattr(datamodule, "pretrain_classes", None) if getattr(datamodule, "pretrain_batch_size", None) else None
         if classes is None and self.hparams.num_classes is None:
             raise ValueError(
                 "Pretrainer(num_classes=None) reads the number of classes from an "
@@ -127,7 +127,8 @@ class Pretrainer(ProtoNet):
     def class_logits(self, x: Tensor) -> Tensor:
         """:meth:`classify` as a pure tensor function (compiled with ``compile=True``)."""
         z = self.embed(x)  # float32 (ProtoNet's distances): in the classifier's dtype (64-true, bf16-true)
-        return self.classifier(z.to(self.classifier.weight.dtype))
+        classifier = cast(nn.Module, self.classifier)  # built by classify or setup
+        return classifier(z.to(cast(Tensor, classifier.weight).dtype))
 
 
     def prepare_batch(self, batch: Any) -> LabelledBatch:
@@ -141,8 +142,9 @@ class Pretrainer(ProtoNet):
         if y.is_floating_point() or y.dim() != 1 or len(y) != len(x):
             raise ValueError(f"Expected `y` to be [n] integer class labels for x of shape {tuple(x.shape)}, but got "
                              f"{y.dtype} of shape {tuple(y.shape)}.")
-        if self.classifier is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(f"Labels must be 0..{self.num_classes - 1} (num_classes={self.num_classes}), but this "
+        classes = self.num_classes
+        if classes is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+            raise ValueError(f"Labels must be 0..{classes - 1} (num_classes={classes}), but this "
                              f"batch has labels from {int(y.min())} to {int(y.max())}.")
         return LabelledBatch(x, y)
 

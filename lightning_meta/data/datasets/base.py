@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
@@ -117,6 +117,23 @@ def _torchvision_jpeg(source, mode: str) -> np.ndarray | None:
     return decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
 
 
+class ImageDecoder(Protocol):
+    """What :func:`load_images` decodes from: item ``i`` as ``uint8 [H, W, C]`` (:class:`FileDecoder`, or an array or
+    a dataset column), its readable name, and a fingerprint of the sources that keys the cache."""
+
+    @property
+    def sources(self) -> Sized: ...
+    @property
+    def size(self) -> tuple[int, int] | None: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def invert(self) -> bool: ...
+    def __call__(self, i: int) -> np.ndarray: ...
+    def name(self, i: int) -> str: ...
+    def fingerprint(self) -> Any: ...
+
+
 class FileDecoder:
     """Decodes item ``i`` of a list of image files to ``uint8 [H, W, C]``: picklable, so a pool of processes can share
     the work. A source is a path, or ``(archive.zip, member)`` for an image inside a zip file."""
@@ -136,8 +153,9 @@ class FileDecoder:
             archive = self._archives.get(source[0])
             if archive is None:
                 archive = self._archives[source[0]] = zipfile.ZipFile(source[0])
-            source = io.BytesIO(archive.read(source[1]))
-        image = decode_image(source, self.name(i), self.size, self.mode)
+            image = decode_image(io.BytesIO(archive.read(source[1])), self.name(i), self.size, self.mode)
+        else:
+            image = decode_image(source, self.name(i), self.size, self.mode)
         return 255 - image if self.invert else image
 
     def fingerprint(self) -> list:
@@ -150,7 +168,7 @@ class FileDecoder:
         return {k: v for k, v in self.__dict__.items() if k != "_archives"} | {"_archives": {}}
 
 
-def load_images(kind: str, decoder: FileDecoder, cache: CacheArg = True, workers: int | None = None,
+def load_images(kind: str, decoder: ImageDecoder, cache: CacheArg = True, workers: int | None = None,
                 rows: int | None = None, finish: Callable[[np.ndarray], None] | None = None,
                 options: dict | None = None) -> tuple[Tensor, CacheFile | None]:
     """The decoded images ``uint8 [rows, C, H, W]`` of ``decoder``'s files (``rows`` defaults to one per file;

@@ -188,13 +188,16 @@ def _set_decoder(decode: Callable[[int], np.ndarray]) -> None:
 
 def _fill(path: str, shape: tuple[int, ...], start: int, stop: int) -> int:
     out = np.memmap(path, dtype=np.uint8, mode="r+", offset=HEADER, shape=shape)
+    if _DECODER is None:  # the pool's initializer sets it before any task runs
+        raise RuntimeError("A decode worker received rows before its decoder.")
     done = _decode_rows(out, _DECODER, start, stop)
     out.flush()
     return done
 
 
 def _shape_error(decode: Callable[[int], np.ndarray], i: int, got: tuple[int, ...], shape: tuple[int, ...]) -> str:
-    name = decode.name(i) if callable(getattr(decode, "name", None)) else f"Image {i}"
+    namer = getattr(decode, "name", None)
+    name = namer(i) if callable(namer) else f"Image {i}"
     return (f"Images differ in size: {name} is {got[1]}x{got[0]} with {got[2]} channel(s), but the first is "
             f"{shape[3]}x{shape[2]} with {shape[1]}: pass `image_size` to resize them all to one size.")
 

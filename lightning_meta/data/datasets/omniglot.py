@@ -156,7 +156,7 @@ class Omniglot(CachedImageDataset):
 def _read(root: Path, subsets: Sequence[str], alphabets, size, rotations, split, split_fractions, split_seed, cache,
           decode_workers):
     """The selected characters: ``(images uint8 [n, 1, S, S], labels [n], class names, file names, cache file)``."""
-    characters: dict[str, list[tuple[str, object]]] = {}
+    characters: dict[str, list[tuple[str, str | tuple[str, str]]]] = {}
     for subset in subsets:
         for key, name, source in _list_subset(root, subset):
             characters.setdefault(key, []).append((name, source))

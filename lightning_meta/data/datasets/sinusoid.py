@@ -32,7 +32,7 @@ class Sinusoid(TaskDistribution):
         for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
             if not lo <= hi:
                 raise ValueError(f"Expected `{name}` to be a (low, high) range with low <= high, but got {(lo, hi)}.")
-        self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
+        self.amplitude, self.phase, self.x_range = ((float(lo), float(hi)) for lo, hi in (amplitude, phase, x_range))
 
     def sample(self, rng: np.random.Generator, n_support: int, n_query: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         amp = rng.uniform(*self.amplitude)
