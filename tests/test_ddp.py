@@ -11,6 +11,10 @@ import torch
 HERE = Path(__file__).parent
 
 
+# the tests that read the two launches below share one pytest-xdist worker, so the launches run once
+shares_runs = pytest.mark.xdist_group("ddp_runs")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = {}
@@ -24,6 +28,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@shares_runs
 def test_ranks_draw_distinct_episodes_and_together_the_single_process_meta_batch(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]
@@ -34,6 +39,7 @@ def test_ranks_draw_distinct_episodes_and_together_the_single_process_meta_batch
         assert not any(torch.equal(a, b) for a in r0["batches"][step] for b in r1["batches"][step])
 
 
+@shares_runs
 def test_ddp_maml_meta_gradient_equals_the_single_process_meta_gradient(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]
@@ -44,6 +50,7 @@ def test_ddp_maml_meta_gradient_equals_the_single_process_meta_gradient(runs):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
+@shares_runs
 def test_ddp_maml_on_the_task_loop_streamed_task_by_task_equals_the_single_process_run(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]
@@ -55,6 +62,7 @@ def test_ddp_maml_on_the_task_loop_streamed_task_by_task_equals_the_single_proce
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
+@shares_runs
 def test_ddp_protonet_training_equals_the_single_process_run(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]
@@ -63,6 +71,7 @@ def test_ddp_protonet_training_equals_the_single_process_run(runs):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
+@shares_runs
 def test_ddp_attention_learner_gradient_equals_the_single_process_gradient(runs):
     # gradients, not weights after Adam: parameters with a zero true gradient (e.g. a marker whose shift a LayerNorm
     # removes) carry float noise that Adam's normalisation turns into lr-sized, order-dependent updates
@@ -74,6 +83,7 @@ def test_ddp_attention_learner_gradient_equals_the_single_process_gradient(runs)
         torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
 
 
+@shares_runs
 def test_ddp_episode_accuracy_equals_the_single_process_result(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]

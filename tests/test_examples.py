@@ -54,6 +54,7 @@ def two_processes(image_folders, tmp_path_factory):
     return out, [torch.load(out_dir / f"w.rank{r}.pt") for r in range(2)], cache
 
 
+@pytest.mark.xdist_group("two_processes")  # one worker runs the fixture's launch for both tests
 def test_distributed_example_on_two_cpu_processes_with_its_documented_flags(two_processes):
     # its own documented command (global meta-batch 32): before, it stopped at setup (8 validation episodes in
     # meta-batches of 16 for 2 processes)
@@ -63,6 +64,7 @@ def test_distributed_example_on_two_cpu_processes_with_its_documented_flags(two_
     assert len(list(cache.glob("*.lmcache"))) == 2  # train and val: one decoded copy each, for both processes
 
 
+@pytest.mark.xdist_group("two_processes")
 def test_the_readme_torchrun_command_on_two_nodes_equals_one_node_with_two_processes(image_folders, two_processes,
                                                                                        tmp_path):
     """Two `torchrun --nnodes 2` invocations on 127.0.0.1 (1 process each) reading one cache end with equal weights on
