@@ -32,7 +32,7 @@ l2l:
 test: setup
 	$(BIN)/ruff check lightning_meta tests examples benchmarks
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -q -n auto --dist worksteal --durations=25
 
 demo: setup
 	$(BIN)/python examples/demo.py

@@ -206,7 +206,7 @@ class CompiledFunction:
         return out
 
 
-class CompiledCores:
+class CompiledCores(nn.Module):
     """The compilation side of a learner (mixed into :class:`~lightning_meta.MetaLearner`): which compiler its cores
     use, the cores made so far and their fallbacks, and ``torch.compile(learner)`` turned into compiled cores."""
 
@@ -240,9 +240,8 @@ class CompiledCores:
         if self._compiler is None:
             return fn
         if name not in self._compiled:
-            module = self if isinstance(self, nn.Module) else None
             self._compiled[name] = CompiledFunction(fn, self._compiler, f"{type(self).__name__}'s compiled {name}",
-                                                    module)
+                                                    self)
         return self._compiled[name]
 
     def compiled_cores(self) -> list[str]:
@@ -254,7 +253,7 @@ class CompiledCores:
         return {name: f.reason for name, f in self._compiled.items() if f.eager and f.reason}
 
     def __getstate__(self) -> dict:  # compiled functions are rebuilt on use, not pickled or deep-copied
-        return {**super().__getstate__(), "_compiled": {}}  # type: ignore[misc]
+        return {**super().__getstate__(), "_compiled": {}}
 
     @torch.compiler.disable
     def _forward_compiled_by_caller(self, batch: Any) -> Any:
@@ -265,7 +264,7 @@ class CompiledCores:
                            "(MAML: the inner loop; see lightning_meta.compile) with torch.compile's defaults and runs "
                            "its checks eagerly. For other settings pass compile={...} to the learner.")
             self.use_compiler(make_compiler(True))
-        return self.forward(batch)  # type: ignore[attr-defined]
+        return self.forward(batch)
 
 
 def _signature(args: tuple) -> tuple:

@@ -1,3 +1,5 @@
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -29,9 +31,47 @@ needs_omniglot = pytest.mark.skipif(
 )
 
 
-# W&B runs of two test processes at once (pytest-xdist workers) left one offline run file empty (its 7-byte header)
-# about one time in eight here, never in one process: the tests that write W&B runs share one worker
-wandb_worker = pytest.mark.xdist_group("wandb")
+def _shared_folder(tmp_path_factory) -> Path:
+    """The base temporary folder of this test run, shared by its pytest-xdist workers (each has a folder inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def exclusive(name: str, tmp_path_factory):
+    """Hold the lock ``name``, one for every process of this test run (pytest-xdist workers); yields the run's shared
+    folder. (pytest-xdist's ``xdist_group`` cannot do this: under pytest 9 it leaves the groups unsent together.)"""
+    folder = _shared_folder(tmp_path_factory)
+    with open(folder / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield folder
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def once_per_run(name: str, tmp_path_factory, make) -> Path:
+    """``make(folder)`` run once for the whole test run, by whichever worker asks first (the others wait for it), then
+    the folder for every caller: a costly launch shared by tests that two workers run."""
+    with exclusive(name, tmp_path_factory) as shared:
+        folder = shared / name
+        if not (folder / ".done").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".done").touch()
+    return folder
+
+
+@pytest.fixture
+def one_wandb_run_at_a_time(tmp_path_factory):
+    """W&B runs written by two test processes at once (pytest-xdist workers) left one offline run file empty (its
+    7-byte header) about one time in eight here, never in one process: the tests that write W&B runs take turns."""
+    with exclusive("wandb", tmp_path_factory):
+        yield
+
+
+wandb_worker = pytest.mark.usefixtures("one_wandb_run_at_a_time")
 
 
 def require_learn2learn():

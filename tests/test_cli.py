@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lightning_meta
-from conftest import OMNIGLOT, wandb_worker
+from conftest import OMNIGLOT
 from lightning_meta.cli import main, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -42,8 +42,10 @@ def common_args(config, tmp_path):
             *SMALL_DATA[kind]]
 
 
-@pytest.mark.parametrize("config", [pytest.param(c, marks=wandb_worker) if "wandb" in c else c for c in CONFIG_NAMES])
-def test_every_example_config_fits_resumes_tests_and_loads_from_its_checkpoint(config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", CONFIG_NAMES)
+def test_every_example_config_fits_resumes_tests_and_loads_from_its_checkpoint(config, tmp_path, monkeypatch, request):
+    if "wandb" in config:
+        request.getfixturevalue("one_wandb_run_at_a_time")
     if config.endswith("_omniglot") and not (OMNIGLOT / "images_background_small1.zip").is_file():
         pytest.skip(f"real Omniglot zips not found in {OMNIGLOT}")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -8,27 +8,29 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import once_per_run
+
 HERE = Path(__file__).parent
 
 
-# the tests that read the two launches below share one pytest-xdist worker, so the launches run once
-shares_runs = pytest.mark.xdist_group("ddp_runs")
+CASES = (("ddp", 2, 4), ("single", 1, 8))
+
+
+def launch(folder):
+    for name, devices, batch in CASES:
+        (folder / name).mkdir()
+        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        proc = subprocess.run([sys.executable, str(HERE / "ddp_run.py"), str(folder / name), str(devices), str(batch)],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = {}
-    for name, devices, batch in (("ddp", 2, 4), ("single", 1, 8)):
-        d = tmp_path_factory.mktemp(name)
-        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-        proc = subprocess.run([sys.executable, str(HERE / "ddp_run.py"), str(d), str(devices), str(batch)],
-                              capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[name] = [torch.load(d / f"rank{r}.pt") for r in range(devices)]
-    return out
+    folder = once_per_run("ddp_runs", tmp_path_factory, launch)  # once, whichever worker runs these tests
+    return {name: [torch.load(folder / name / f"rank{r}.pt") for r in range(devices)] for name, devices, _ in CASES}
 
 
-@shares_runs
 def test_ranks_draw_distinct_episodes_and_together_the_single_process_meta_batch(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]
@@ -39,7 +41,6 @@ def test_ranks_draw_distinct_episodes_and_together_the_single_process_meta_batch
         assert not any(torch.equal(a, b) for a in r0["batches"][step] for b in r1["batches"][step])
 
 
-@shares_runs
 def test_ddp_maml_meta_gradient_equals_the_single_process_meta_gradient(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]
@@ -50,7 +51,6 @@ def test_ddp_maml_meta_gradient_equals_the_single_process_meta_gradient(runs):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
-@shares_runs
 def test_ddp_maml_on_the_task_loop_streamed_task_by_task_equals_the_single_process_run(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]
@@ -62,7 +62,6 @@ def test_ddp_maml_on_the_task_loop_streamed_task_by_task_equals_the_single_proce
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
-@shares_runs
 def test_ddp_protonet_training_equals_the_single_process_run(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]
@@ -71,7 +70,6 @@ def test_ddp_protonet_training_equals_the_single_process_run(runs):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
-@shares_runs
 def test_ddp_attention_learner_gradient_equals_the_single_process_gradient(runs):
     # gradients, not weights after Adam: parameters with a zero true gradient (e.g. a marker whose shift a LayerNorm
     # removes) carry float noise that Adam's normalisation turns into lr-sized, order-dependent updates
@@ -83,7 +81,6 @@ def test_ddp_attention_learner_gradient_equals_the_single_process_gradient(runs)
         torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
 
 
-@shares_runs
 def test_ddp_episode_accuracy_equals_the_single_process_result(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]

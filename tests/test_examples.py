@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import wandb_worker
+from conftest import once_per_run, wandb_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,32 +29,40 @@ def test_existing_project_example(tmp_path):
     assert "5-way 1-shot:" in out and list(tmp_path.rglob("metrics.csv")) and list(tmp_path.rglob("*.ckpt"))
 
 
-@pytest.fixture(scope="module")
-def image_folders(tmp_path_factory):
+def write_image_folders(root):
     """train/ and val/ folders of class folders of PNG images, as `--image-folder` reads them."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     for split, classes in (("train", 12), ("val", 6)):
         for c in range(classes):
             (root / split / f"{split}{c}").mkdir(parents=True)
             for i in range(6):
                 Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(root / split / f"{split}{c}" / f"{i}.png")
-    return root
+
+
+@pytest.fixture(scope="module")
+def image_folders(tmp_path_factory):
+    return once_per_run("image_folders", tmp_path_factory, write_image_folders)
 
 
 @pytest.fixture(scope="module")
 def two_processes(image_folders, tmp_path_factory):
-    """The example's documented 2-process command, on images from one decoded-image cache, saving each rank's weights."""
-    out_dir, cache = tmp_path_factory.mktemp("lightning_ddp"), tmp_path_factory.mktemp("cache")
-    out = run("distributed.py", "--accelerator", "cpu", "--devices", "2", "--fast", "--image-folder",
-              str(image_folders), "--image-size", "16", "--save-weights", str(out_dir / "w"), cwd=out_dir,
-              env={"LIGHTNING_META_CACHE": str(cache), "OMP_NUM_THREADS": "1"})  # one thread each, as under torchrun
-    return out, [torch.load(out_dir / f"w.rank{r}.pt") for r in range(2)], cache
+    """The example's documented 2-process command, on images from one decoded-image cache, saving each rank's weights
+    (launched once per test run, whichever pytest-xdist worker asks first)."""
+
+    def launch(folder):
+        (folder / "cache").mkdir()
+        env = {"LIGHTNING_META_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1"}  # one thread each, as torchrun
+        out = run("distributed.py", "--accelerator", "cpu", "--devices", "2", "--fast", "--image-folder",
+                  str(image_folders), "--image-size", "16", "--save-weights", str(folder / "w"), cwd=folder, env=env)
+        (folder / "out.txt").write_text(out)
+
+    folder = once_per_run("two_processes", tmp_path_factory, launch)
+    weights = [torch.load(folder / f"w.rank{r}.pt") for r in range(2)]
+    return (folder / "out.txt").read_text(), weights, folder / "cache"
 
 
-@pytest.mark.xdist_group("two_processes")  # one worker runs the fixture's launch for both tests
 def test_distributed_example_on_two_cpu_processes_with_its_documented_flags(two_processes):
     # its own documented command (global meta-batch 32): before, it stopped at setup (8 validation episodes in
     # meta-batches of 16 for 2 processes)
@@ -64,7 +72,6 @@ def test_distributed_example_on_two_cpu_processes_with_its_documented_flags(two_
     assert len(list(cache.glob("*.lmcache"))) == 2  # train and val: one decoded copy each, for both processes
 
 
-@pytest.mark.xdist_group("two_processes")
 def test_the_readme_torchrun_command_on_two_nodes_equals_one_node_with_two_processes(image_folders, two_processes,
                                                                                        tmp_path):
     """Two `torchrun --nnodes 2` invocations on 127.0.0.1 (1 process each) reading one cache end with equal weights on
