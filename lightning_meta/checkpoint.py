@@ -83,6 +83,30 @@ class CheckedCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
+def base_class_error(checkpoint: dict, path: Any) -> TypeError:
+    """The error for ``MetaLearner.load_from_checkpoint``: it names the learner class the checkpoint holds."""
+    saved = checkpoint.get("lightning_meta_learner")
+    name = saved.rsplit(".", 1)[-1] if saved else None
+    return TypeError(
+        "MetaLearner is the base class of the learners and cannot be loaded itself: "
+        + (f"{path} holds a {name}, so load it with {name}.load_from_checkpoint(path) "
+           f"(from {saved.rsplit('.', 1)[0]})." if saved else
+           f"load {path} with the learner class that saved it, e.g. MAML.load_from_checkpoint(path) "
+           "(MAML, ANIL, MetaSGD, ProtoNet, AttentionLearner or Pretrainer)."))
+
+
+def saved_backbone_spec(checkpoint: dict, path: Any, learner: str) -> dict:
+    """The backbone's recorded spec (see ``models.backbone_spec``), or an error saying to pass the backbone again."""
+    spec = checkpoint.get("lightning_meta_backbone")
+    if spec is None:
+        raise TypeError(
+            f"The checkpoint {path} was trained with a backbone that is not one of lightning_meta.models, so it cannot "
+            f"be rebuilt from the file: pass it again, e.g. {learner}.load_from_checkpoint(path, backbone=MyNet(...)), "
+            "built as for training."
+        )
+    return spec
+
+
 def rng_states() -> dict:
     """The global random states a training step may draw from (dropout, user code)."""
     name, keys, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 
@@ -55,6 +56,19 @@ def swa_updates_only_running_statistics(trainer: Any) -> None:
     for callback in getattr(trainer, "callbacks", []):
         if isinstance(callback, StochasticWeightAveraging):
             callback.pl_module_contains_batch_norm = keeps_running_statistics  # type: ignore[method-assign]
+
+
+def total_training_steps(trainer: Any) -> int:
+    """Optimizer steps of the whole run: arithmetic for a data module that knows its ``steps_per_epoch`` (an
+    EpisodicDataModule), else Lightning's ``estimated_stepping_batches``."""
+    per_epoch = getattr(getattr(trainer, "datamodule", None), "steps_per_epoch", None)
+    if per_epoch is None or trainer.max_epochs is None or trainer.max_epochs < 0:
+        return int(trainer.estimated_stepping_batches)
+    batches = per_epoch()
+    limit = trainer.limit_train_batches
+    batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
+    total = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
+    return min(total, trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else total
 
 
 def accumulating(trainer: Any) -> bool:

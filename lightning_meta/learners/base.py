@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -16,7 +15,14 @@ from typing_extensions import override
 
 from lightning_meta import trainer_view
 from lightning_meta._checks import check_choice, check_positive
-from lightning_meta.checkpoint import CheckedCheckpointIO, read_checkpoint, rng_states, set_rng_states
+from lightning_meta.checkpoint import (
+    CheckedCheckpointIO,
+    base_class_error,
+    read_checkpoint,
+    rng_states,
+    saved_backbone_spec,
+    set_rng_states,
+)
 from lightning_meta.compile import CompiledCores
 from lightning_meta.data.checks import as_inputs, as_targets, check_episode, check_meta_batch, task_as_episode
 from lightning_meta.data.episode import Episode
@@ -246,23 +252,9 @@ class MetaLearner(CompiledCores, L.LightningModule):
         arguments); for any other module pass it again: ``load_from_checkpoint(path, backbone=MyNet(...))``."""
         checkpoint = read_checkpoint(checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only"))
         if cls is MetaLearner:
-            saved = checkpoint.get("lightning_meta_learner")
-            name = saved.rsplit(".", 1)[-1] if saved else None
-            raise TypeError(
-                "MetaLearner is the base class of the learners and cannot be loaded itself: "
-                + (f"{checkpoint_path} holds a {name}, so load it with {name}.load_from_checkpoint(path) "
-                   f"(from {saved.rsplit('.', 1)[0]})." if saved else
-                   f"load {checkpoint_path} with the learner class that saved it, e.g. MAML.load_from_checkpoint(path) "
-                   "(MAML, ANIL, MetaSGD, ProtoNet, AttentionLearner or Pretrainer)."))
+            raise base_class_error(checkpoint, checkpoint_path)
         if "backbone" not in kwargs and not args:
-            spec = checkpoint.get("lightning_meta_backbone")
-            if spec is None:
-                raise TypeError(
-                    f"The checkpoint {checkpoint_path} was trained with a backbone that is not one of "
-                    "lightning_meta.models, so it cannot be rebuilt from the file: pass it again, e.g. "
-                    f"{cls.__name__}.load_from_checkpoint(path, backbone=MyNet(...)), built as for training."
-                )
-            kwargs["backbone"] = build_backbone(spec)
+            kwargs["backbone"] = build_backbone(saved_backbone_spec(checkpoint, checkpoint_path, cls.__name__))
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ optimizers
@@ -298,15 +290,7 @@ class MetaLearner(CompiledCores, L.LightningModule):
         """Optimizer steps of the whole run. For an EpisodicDataModule this is arithmetic: Lightning's
         ``estimated_stepping_batches`` would iterate the training loader before a checkpoint is restored, and the
         first batch it prefetches then would not be the resumed position."""
-        t = self.trainer
-        per_epoch = getattr(getattr(t, "datamodule", None), "steps_per_epoch", None)
-        if per_epoch is None or t.max_epochs is None or t.max_epochs < 0:
-            return int(t.estimated_stepping_batches)
-        batches = per_epoch()
-        limit = t.limit_train_batches
-        batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
-        total = math.ceil(batches / t.accumulate_grad_batches) * t.max_epochs
-        return min(total, t.max_steps) if t.max_steps and t.max_steps > 0 else total
+        return trainer_view.total_training_steps(self.trainer)
 
     # ------------------------------------------------------------------ single-task helpers
     @contextlib.contextmanager

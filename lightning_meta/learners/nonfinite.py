@@ -6,7 +6,7 @@ skipped meta-batch had never been drawn."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, cast
+from typing import TYPE_CHECKING, Optional, cast
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -97,7 +97,9 @@ class NonFinitePolicy:
 
     def after_batch(self, learner: MetaLearner) -> None:
         """Restore the scaler after a skipped step: its scale and growth are as before it."""
-        scaler: Any = trainer_view.gradient_scaler(learner._trainer)
-        if self._scaler_state is not None and scaler is not None:
+        if self._scaler_state is None:  # every training batch comes here: nothing to look up unless a step was skipped
+            return
+        scaler = trainer_view.gradient_scaler(learner._trainer)
+        if scaler is not None:
             scaler.load_state_dict(self._scaler_state)
         self._scaler_state = None
