@@ -138,11 +138,19 @@ def infer_embedding_width(module: nn.Module, example: Tensor) -> int:
     return int(out.flatten(1).shape[1])
 
 
-def timm_backbone(model_name: str, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(model_name, num_classes=0, **kwargs)``: a timm model returning its pooled features, with its
-    name and arguments recorded so that a learner's checkpoint rebuilds it (``load_from_checkpoint(path)`` alone). A
-    model made by ``timm.create_model`` directly works too and is rebuilt from its architecture, ``num_classes`` and
-    input channels. Needs ``pip install 'lightning-meta[timm]'``.
+def timm_backbone(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(model_name, num_classes=0, pretrained=pretrained, **kwargs)``: a timm model returning its
+    pooled features, with its name and arguments recorded so that a learner's checkpoint rebuilds it
+    (``load_from_checkpoint(path)`` alone). A model made by ``timm.create_model`` directly works too and is rebuilt
+    from its architecture, ``num_classes`` and input channels. Needs ``pip install 'lightning-meta[timm]'``.
+
+    ``pretrained=True`` loads timm's weights for the name (its tag picks them: ``"vit_small_patch16_224.dino"``) from
+    the Hugging Face hub, or from a local file with ``pretrained_cfg_overlay={"file": path}`` (timm adapts the first
+    convolution to ``in_chans`` and drops a classifier of another ``num_classes``); ``checkpoint_path=`` loads a
+    state dict after building. The weights are loaded once, here: the recorded arguments rebuild the architecture
+    without them (no download, no file; the learner's checkpoint holds the weights). The model then carries the
+    weights' input normalisation (``pretrained_cfg`` mean and std, averaged over channels when ``in_chans`` differs),
+    which every learner applies on the device by default (see :func:`input_normalization`).
 
     Example:
         >>> net = timm_backbone("resnet10t", in_chans=1) if importlib.util.find_spec("timm") else None
@@ -154,19 +162,50 @@ def timm_backbone(model_name: str, **kwargs: Any) -> nn.Module:
     except ImportError as err:
         raise ImportError("timm backbones need timm: pip install 'lightning-meta[timm]'.") from err
     kwargs.setdefault("num_classes", 0)
-    if kwargs.get("pretrained"):
-        raise ValueError("timm_backbone records the architecture, not downloaded weights: load pretrained weights into "
-                         "the model after building it (a learner's checkpoint keeps them).")
-    model = timm.create_model(model_name, **kwargs)
-    _record_spec(model, "timm.create_model", {"model_name": model_name, **kwargs})
+    model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    args = {k: _without_weights(v) if k in ("pretrained_cfg_overlay", "pretrained_cfg") else v
+            for k, v in kwargs.items() if k != "checkpoint_path"}
+    args = {k: v for k, v in args.items() if v != {}}  # an overlay that only named the file
+    _record_spec(model, "timm.create_model", {"model_name": model_name, **args})
+    if pretrained or kwargs.get("checkpoint_path"):
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        _check_rebuilds(model)
+        record_input_normalization(model, _fit_channels(cfg.get("mean"), cfg.get("std"), _in_channels(model)))
     return model
 
 
-def torchvision_backbone(name: str, features_only: bool = True, **kwargs: Any) -> nn.Module:
-    """A torchvision classification model (``torchvision.models.get_model(name, weights=None, **kwargs)``) with its
-    final linear classifier replaced by ``nn.Identity``, so it returns its pooled features; ``embedding_dim`` is set
-    and the arguments are recorded (a learner's checkpoint rebuilds it). ``features_only=False`` keeps the classifier
-    (e.g. ``num_classes=5`` for MAML, which adapts the whole network).
+def _without_weights(cfg: Any) -> Any:
+    """A timm ``pretrained_cfg`` (overlay) without the local source of its weights (a file, a state dict)."""
+    return {k: v for k, v in cfg.items() if k not in ("file", "state_dict")} if isinstance(cfg, dict) else cfg
+
+
+def _in_channels(model: nn.Module) -> Optional[int]:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else None
+
+
+def _fit_channels(mean: Any, std: Any, channels: Optional[int]) -> Optional[tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Per-channel ``(mean, std)`` of pretrained weights, averaged to one value when the model takes another number
+    of input channels than the weights were trained on (timm sums a first convolution's weights for ``in_chans=1``)."""
+    if mean is None or std is None:
+        return None
+    m, s = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if channels is not None and len(m) not in (1, channels):
+        m, s = (sum(m) / len(m),), (sum(s) / len(s),)
+    return m, s
+
+
+def torchvision_backbone(name: str, features_only: bool = True, weights: Any = None, **kwargs: Any) -> nn.Module:
+    """A torchvision classification model (``torchvision.models.get_model(name, weights=weights, **kwargs)``) with
+    its final linear classifier replaced by ``nn.Identity``, so it returns its pooled features; ``embedding_dim`` is
+    set and the arguments are recorded (a learner's checkpoint rebuilds it). ``features_only=False`` keeps the
+    classifier (e.g. ``num_classes=5`` for MAML, which adapts the whole network).
+
+    ``weights`` (a weights enum or its name: ``"DEFAULT"``, ``"IMAGENET1K_V1"``) loads torchvision's pretrained
+    weights once, here, through torch.hub's cache (``$TORCH_HOME/hub/checkpoints``); the recorded arguments rebuild
+    the architecture without them (no download: the learner's checkpoint holds the weights). The model then carries
+    the mean and std of the weights' ``transforms()``, which every learner applies on the device by default (see
+    :func:`input_normalization`).
 
     Example:
         >>> net = torchvision_backbone("resnet18")
@@ -177,8 +216,22 @@ def torchvision_backbone(name: str, features_only: bool = True, **kwargs: Any) -
         from torchvision import models
     except ImportError as err:
         raise ImportError("torchvision backbones need torchvision: pip install 'lightning-meta[vision]'.") from err
-    model = models.get_model(name, weights=None, **kwargs)
-    _record_spec(model, "lightning_meta.models.torchvision_backbone", {"name": name, "features_only": features_only, **kwargs})
+    enum = None
+    if weights is not None:
+        kind = models.get_model_weights(name)
+        try:
+            enum = kind.verify(weights)
+        except KeyError:
+            raise ValueError(f"torchvision's {name} has no weights {weights!r}: pass one of "
+                             f"{', '.join(['DEFAULT', *(w.name for w in kind)])}.") from None
+    model = models.get_model(name, weights=enum, **kwargs)
+    args = {"name": name, "features_only": features_only, **kwargs, **_weight_arguments(name, enum, kwargs)}
+    _record_spec(model, "lightning_meta.models.torchvision_backbone", args)
+    if enum is not None:
+        _check_rebuilds(model, features_only=False)
+        preset = enum.transforms()
+        record_input_normalization(model, _fit_channels(getattr(preset, "mean", None), getattr(preset, "std", None),
+                                                        _in_channels(model)))
     if not features_only:
         return model
     for attr in ("fc", "classifier", "heads", "head"):
@@ -194,6 +247,42 @@ def torchvision_backbone(name: str, features_only: bool = True, **kwargs: Any) -
     else:
         raise ValueError(f"torchvision's {name} has no final linear classifier (fc, classifier, heads) to remove.")
     return model
+
+
+def _weight_arguments(name: str, weights: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The architecture arguments torchvision's builders set from pretrained ``weights`` (so that the recorded
+    arguments rebuild the same network without them); nothing without weights."""
+    if weights is None:
+        return {}
+    meta, args = weights.meta, {}
+    if "categories" in meta:
+        args["num_classes"] = len(meta["categories"])
+    if name.startswith("vit_"):
+        args["image_size"] = meta["min_size"][0]
+    if name.startswith("maxvit"):
+        args["input_size"] = meta["min_size"]
+    if name in ("inception_v3", "googlenet"):  # their builders drop the auxiliary heads again after loading
+        args.update(transform_input=kwargs.get("transform_input", True), aux_logits=kwargs.get("aux_logits", False),
+                    init_weights=False)
+    return args
+
+
+def _check_rebuilds(model: nn.Module, features_only: bool = True) -> None:
+    """The recorded arguments rebuild ``model``'s architecture without its weights: the same tensors, of the same
+    shapes (built on the meta device: nothing allocated, nothing downloaded)."""
+    spec = backbone_spec(model)
+    if spec is None:
+        return
+    if "features_only" in spec["init_args"]:
+        spec["init_args"]["features_only"] = features_only
+    with torch.device("meta"):
+        rebuilt = build_backbone(spec)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if want != got:
+        differ = sorted(set(want.items()) ^ set(got.items()))[:3]
+        raise ValueError(f"{spec['init_args']} without the pretrained weights builds another architecture than with "
+                         f"them (e.g. {differ}): pass the architecture arguments the weights set explicitly.")
 
 
 def build_backbone(spec: dict[str, Any]) -> nn.Module:
@@ -215,6 +304,29 @@ def _record_spec(model: nn.Module, class_path: str, init_args: dict[str, Any]) -
     vars(model)["lightning_meta_spec"] = {"class_path": class_path, "init_args": init_args}
 
 
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def input_normalization(module: nn.Module) -> Optional[Normalization]:
+    """The ``(mean, std)`` per input channel that ``module``'s weights expect of inputs in [0, 1], or ``None``: set
+    by :func:`timm_backbone` and :func:`torchvision_backbone` with pretrained weights, by ``Backbone(pretrained=PATH)``
+    from the learner that saved ``PATH``, and by a learner on its backbone (its ``normalize``). A learner's
+    ``normalize="auto"`` (the default) applies it on the device.
+
+    Example:
+        >>> net = record_input_normalization(MLP(4, (8,)), ((0.5,), (0.25,)))
+        >>> input_normalization(net), input_normalization(MLP(4, (8,)))
+        (((0.5,), (0.25,)), None)
+    """
+    return vars(module).get("lightning_meta_normalize")
+
+
+def record_input_normalization(module: nn.Module, normalization: Optional[Normalization]) -> nn.Module:
+    """Record what :func:`input_normalization` returns for ``module`` (a plain attribute: not in its state dict)."""
+    vars(module)["lightning_meta_normalize"] = normalization
+    return module
+
+
 def load_pretrained(module: nn.Module, checkpoint: str | Path) -> nn.Module:
     """Load a backbone's weights from a checkpoint and return the module.
 
@@ -222,7 +334,8 @@ def load_pretrained(module: nn.Module, checkpoint: str | Path) -> nn.Module:
     :class:`~lightning_meta.Pretrainer`'s, a ProtoNet's...) or a plain state dict of the module. Tensors the module
     has and the file lacks (a MAML classifier head over a pretrained body) keep their initialisation; tensors of a
     different shape are an error naming them (another architecture), as is a file that shares no tensor with the module.
-    What was loaded and what was not is reported in one log line.
+    What was loaded and what was not is reported in one log line. A learner's checkpoint also gives the module the
+    input normalisation it was trained with (its ``normalize``; see :func:`input_normalization`).
 
     Example:
         >>> import tempfile, os
@@ -255,6 +368,10 @@ def load_pretrained(module: nn.Module, checkpoint: str | Path) -> nn.Module:
             "checkpoint of this backbone."
         )
     module.load_state_dict({k: state[k] for k in shared}, strict=False)
+    hparams = saved.get("hyper_parameters") if isinstance(saved, dict) else None
+    if isinstance(hparams, dict) and isinstance(hparams.get("normalize"), (list, tuple)):  # what the weights expect
+        mean, std = hparams["normalize"]
+        record_input_normalization(module, (tuple(mean), tuple(std)))
     kept = [k for k in own if k not in state]
     unused = [k for k in state if k not in own]
     rank_zero_info(
@@ -421,4 +538,5 @@ class ResNet12(Backbone):
 
 
 __all__ = ["MLP", "Backbone", "Conv4", "DropBlock", "ResNet12", "backbone_spec", "build_backbone", "embedding_width",
-           "infer_embedding_width", "timm_backbone", "torchvision_backbone"]
+           "infer_embedding_width", "input_normalization", "record_input_normalization", "timm_backbone",
+           "torchvision_backbone"]

@@ -83,3 +83,32 @@ def evaluation_set_names(trainer: Any, stage: str) -> Optional[list[str]]:
         return None
     loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
     return [str(name) for name in loaders] if isinstance(loaders, dict) else None
+
+
+def last_evaluation_batch(trainer: Any, dataloader_idx: int, batch_idx: int) -> bool:
+    """Whether batch ``batch_idx`` is the last the running validation or test loop takes from loader
+    ``dataloader_idx`` (its length on this rank, after ``limit_*_batches`` and sanity-check steps); ``False`` for a
+    loader of unknown length."""
+    try:  # the property names the loop of the running fit, validate or test, and raises outside them
+        batches = trainer._evaluation_loop.max_batches
+    except (AttributeError, RuntimeError):
+        return False
+    return dataloader_idx < len(batches) and batches[dataloader_idx] == batch_idx + 1
+
+
+def predict_loaders(trainer: Any) -> list[Any]:
+    """The loaders of the running predict loop (one, a list or a dict of them) in ``dataloader_idx`` order."""
+    loaders = trainer.predict_dataloaders
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+def known_batch_indices(trainer: Any, loaders: list[Any]) -> None:
+    """Lightning warns that it "Couldn't infer the batch indices" of a predict loader without a batch sampler (an
+    episode stream's); where the prediction writer knows them (``loaders``), that warning is not given, for loader
+    types that no other predict loader has."""
+    cache: set[str] = getattr(getattr(trainer, "predict_loop", None), "_warning_cache", set())  # a WarningCache
+    others = {type(loader).__name__ for loader in predict_loaders(trainer) if all(loader is not k for k in loaders)}
+    for name in {type(loader).__name__ for loader in loaders} - others:
+        cache.add(f"Couldn't infer the batch indices fetched from your dataloader: `{name}`")

@@ -2,8 +2,8 @@
 
     python tests/ddp_run.py OUT_DIR DEVICES META_BATCH
 
-Records, per rank, the episodes each step drew, the meta-gradient after the first backward (after DDP's all-reduce)
-and the validation metrics, into OUT_DIR/rank{R}.pt.
+Records, per rank, the episodes each step drew, the meta-gradient after the first backward (after DDP's all-reduce),
+the validation metrics and the smallest top-2 logit gap of its validation queries, into OUT_DIR/rank{R}.pt.
 """
 
 import sys
@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import blob_data, sine_data  # noqa: E402
+from helpers import blob_data, sine_data, top2_gap  # noqa: E402
 
 from lightning_meta import MAML, AttentionLearner, ProtoNet  # noqa: E402
 from lightning_meta.models import MLP  # noqa: E402
@@ -57,8 +57,11 @@ def run(out: Path, devices: int, meta_batch: int) -> None:
         protonet, blob_data(meta_batch_size=meta_batch, train_episodes=8 * 3))
     L.seed_everything(0, verbose=False)
     proto = ProtoNet(MLP(8, (16,)))
-    metrics = L.Trainer(**kw).validate(proto, blob_data(val_episodes=11, meta_batch_size=2), verbose=False)[0]
-    torch.save({"batches": rec.batches, "grads": rec.grads, "metrics": metrics,
+    val = blob_data(val_episodes=11, meta_batch_size=2)
+    metrics = L.Trainer(**kw).validate(proto, val, verbose=False)[0]
+    with torch.no_grad():  # how far this rank's validation queries are from a tie (top-2 logit gap)
+        margin = min(float(top2_gap(proto.eval()(batch)).min()) for batch in val.val_dataloader())
+    torch.save({"batches": rec.batches, "grads": rec.grads, "metrics": metrics, "val_margin": margin,
                 "final": [p.detach().clone() for p in maml.backbone.parameters()],
                 "attention_grads": att_rec.grads, "streamed_grads": streamed_rec.grads,
                 "streamed_final": [p.detach().clone() for p in streamed.backbone.parameters()],

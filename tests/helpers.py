@@ -48,3 +48,30 @@ def episode(b=2, n=3, k=2, q=3, dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return Episode(torch.randn(b, n * k, dim, generator=g), torch.arange(n).repeat_interleave(k).repeat(b, 1),
                    torch.randn(b, n * q, dim, generator=g), torch.arange(n).repeat_interleave(q).repeat(b, 1))
+
+
+def top2_gap(logits):
+    """How far each query's top logit leads its runner-up: logits ``[..., N]`` -> ``[...]``."""
+    top = logits.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+def assert_same_predictions(actual, expected, atol, rtol=0.0):
+    """Assert that two float paths' logits ``[..., M, N]`` make the same predictions: close within ``atol + rtol *
+    |expected|``, and the same class on every *decided* query, one whose top-2 gap exceeds twice that tolerance in
+    either path (a difference of the tolerance cannot flip it). A near-tie flips with the CPU's rounding: accuracies of
+    the two paths are only comparable over the decided queries, the mask ``[..., M]`` this returns."""
+    actual, expected = actual.detach(), expected.detach()
+    if actual.shape != expected.shape:
+        raise AssertionError(f"logits of shape {tuple(actual.shape)} and {tuple(expected.shape)}")
+    tol = atol + rtol * expected.abs().amax(-1)  # [..., M]
+    decided = torch.maximum(top2_gap(actual), top2_gap(expected)) > 2 * tol
+    differ = decided & (actual.argmax(-1) != expected.argmax(-1))
+    if differ.any():
+        where = tuple(differ.nonzero()[0].tolist())
+        raise AssertionError(
+            f"{int(differ.sum())} decided queries predict different classes, first query {where}: class "
+            f"{int(actual[where].argmax())} on one path, {int(expected[where].argmax())} on the other, with top-2 gaps "
+            f"{float(top2_gap(actual[where])):.3g} and {float(top2_gap(expected[where])):.3g} > 2 x tolerance")
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+    return decided

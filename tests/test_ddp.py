@@ -84,6 +84,9 @@ def test_ddp_attention_learner_gradient_equals_the_single_process_gradient(runs)
 def test_ddp_episode_accuracy_equals_the_single_process_result(runs):
     r0, r1 = runs["ddp"]
     (single,) = runs["single"]
+    # two processes compute with other thread counts than one, so their logits may differ by rounding: the accuracies
+    # compare exactly only because no query is near a tie (measured: every top-2 gap over 0.7, logits up to 41)
+    assert min(r0["val_margin"], r1["val_margin"], single["val_margin"]) > 0.1
     for key in ("val/acc", "val/acc_ci95", "val/loss"):
         assert r0["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6)
         assert r1["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6)

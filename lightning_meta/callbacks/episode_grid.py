@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
+import torch
 from typing_extensions import override
 
 from lightning_meta._checks import check_int
@@ -48,6 +49,8 @@ class EpisodeGrid(ValidationTasks):
         pl_module.eval()
         predictions = cast("MetaLearner", pl_module).forward_episode(batch).argmax(-1).cpu()
         pl_module.train(was_training)
+        norm = getattr(pl_module, "input_normalization", None)  # images are drawn as they were before normalising
+        mean, std = (torch.tensor(v).view(-1, 1, 1) for v in norm) if norm is not None else (0.0, 1.0)
         s, q = batch.support_x.shape[1], min(batch.query_x.shape[1], self.max_queries)
         cols = max(s, q)
         fig = new_figure((1.2 * cols, 2.6 * batch.num_tasks))
@@ -59,8 +62,8 @@ class EpisodeGrid(ValidationTasks):
                     ax.axis("off")
                     if j >= (s if row == 0 else q):
                         continue
-                    img = images[j].float().cpu()
-                    ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0).clamp(0, 1), cmap="gray")
+                    img = (images[j].float().cpu() * std + mean).clamp(0, 1)
+                    ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray")
                     if row == 0:
                         ax.set_title(f"{int(batch.support_y[e, j])}", fontsize=8)
                     else:

@@ -3,6 +3,7 @@ from lightning_meta.data.datasets import (
     CIFARFS,
     CUB,
     FC100,
+    NORMALIZATION,
     CachedImageDataset,
     ClassFolder,
     HuggingFaceImages,
@@ -13,12 +14,13 @@ from lightning_meta.data.datasets import (
     TensorClassDataset,
     TieredImageNet,
 )
+from lightning_meta.data.datasets.cache import prune_cache
 from lightning_meta.data.episode import Episode, LabelledBatch
 from lightning_meta.data.interop import learn2learn_tasksets
 from lightning_meta.data.tasks import TaskDistribution
 from lightning_meta.data.transforms import RandomAffine, RandomShift
 
-__all__ = ["CIFARFS", "CUB", "FC100", "CachedImageDataset", "ClassFolder", "Episode", "EpisodicDataModule",
-           "HuggingFaceImages", "LabelledBatch", "MiniImageNet", "Omniglot", "RandomAffine", "RandomShift",
+__all__ = ["CIFARFS", "CUB", "FC100", "NORMALIZATION", "CachedImageDataset", "ClassFolder", "Episode",
+           "EpisodicDataModule", "HuggingFaceImages", "LabelledBatch", "MiniImageNet", "Omniglot", "RandomAffine", "RandomShift",
            "Sinusoid", "SyntheticGlyphs", "TaskDistribution", "TensorClassDataset", "TieredImageNet",
-           "learn2learn_tasksets"]
+           "learn2learn_tasksets", "prune_cache"]

@@ -28,18 +28,35 @@ def as_targets(y: Any, name: str = "labels") -> Tensor:
     return y if y.is_floating_point() else y.long()
 
 
-def as_inputs(x: Any, weight: Optional[Tensor]) -> Tensor:
+def as_inputs(x: Any, weight: Optional[Tensor], normalize: Optional[tuple[Tensor, Tensor]] = None,
+              name: str = "inputs") -> Tensor:
     """Inputs on ``weight``'s device in its dtype: other float dtypes are cast, ``uint8`` images are moved first and
-    converted there to floats in [0, 1] (``x / 255``, computed in float32); integer inputs keep their dtype.
+    converted there to floats in [0, 1] (``x / 255``, computed in float32); integer inputs keep their dtype. With
+    ``normalize=(mean, std)`` (1-D, one value per channel or one for all), float inputs, taken to be in [0, 1], become
+    ``(x - mean) / std`` over their channel dimension (``[..., C, H, W]``), computed in float32 or wider.
 
     Example:
         >>> as_inputs(torch.tensor([0, 255], dtype=torch.uint8), torch.zeros(1, dtype=torch.float64))
         tensor([0., 1.], dtype=torch.float64)
+        >>> as_inputs(torch.full((1, 2, 1, 1), 255, dtype=torch.uint8), None,
+        ...           (torch.tensor([0.5, 0.0]), torch.tensor([0.5, 2.0]))).flatten().tolist()
+        [1.0, 0.5]
     """
     x = torch.as_tensor(x)
     device = weight.device if weight is not None else x.device
     if x.dtype == torch.uint8:
         x = x.to(device, non_blocking=True).to(torch.float32).div_(255)
+    if normalize is not None and x.is_floating_point():
+        mean, std = normalize
+        channels = mean.numel()
+        if channels > 1 and (x.dim() < 3 or x.shape[-3] != channels):
+            raise ValueError(
+                f"`normalize` has {channels} channel means and stds, but `{name}` has shape {tuple(x.shape)}: expected "
+                f"images [..., {channels}, H, W]. Pass normalize=(mean, std) with one value per channel of these "
+                "inputs (or one value for all), or normalize=None for inputs that need none.")
+        shape = (channels, 1, 1) if channels > 1 else ()
+        x = x.to(device, torch.promote_types(x.dtype, torch.float32), non_blocking=True)  # [..., C, H, W]
+        x = (x - mean.to(device, x.dtype).view(shape)) / std.to(device, x.dtype).view(shape)
     if weight is None:
         return x
     return x.to(device=device, dtype=weight.dtype if x.is_floating_point() else x.dtype)

@@ -97,8 +97,10 @@ class EpisodicDataModule(L.LightningDataModule):
             with ``image`` and ``label`` columns (see :class:`~lightning_meta.data.HuggingFaceImages` for other
             columns). ``val``/``test`` may be ``None``, or
             a dict of named sets (``test={"cub": cub, "omniglot": omni}``): each is its own evaluation stream in one
-            ``trainer.validate``/``trainer.test``, logged as ``test/cub/acc``, ``test/cub/acc_ci95``, ... (one
-            unnamed set logs ``test/acc``); every set draws its episodes as it would alone.
+            ``trainer.validate``/``trainer.test``, logged as ``test/cub/acc``, ``test/cub/acc_ci95``, ... in its
+            own loader's results, beside ``test/acc``, ``test/loss``, ``test/acc_ci95``: the mean over the sets and
+            its interval (:mod:`~lightning_meta.learners.episode_log`), which ``monitor="val/acc"`` reads; every set
+            draws its episodes as it would alone.
         n_way, n_shot, n_query: evaluation episodes are N-way K-shot with Q queries per class.
         meta_batch_size: tasks per optimizer step on each rank (the global meta-batch is this times world size).
         train_episodes: training episodes per epoch, over all ranks together.
@@ -297,10 +299,13 @@ class EpisodicDataModule(L.LightningDataModule):
         return self._sampler("train").num_classes
 
     def _check_disjoint(self) -> None:
-        """Training, validation and test classes must be disjoint (named sets of one stage may share classes)."""
+        """Training, validation and test classes must be disjoint (named sets of one stage may share classes). A
+        class is identified by its name, where the source has names (``class_names``: folder names, ``ClassLabel``
+        names, string labels); integer labels alone are not names, so splits numbered from 0 share nothing."""
         streams = {k: v for stage in STAGES for k, v in self.sets(stage).items()}
         keys = list(streams)
-        named = {k: set(v.class_names) for k, v in streams.items() if hasattr(v, "class_names")}
+        names = {k: getattr(v, "class_names", None) for k, v in streams.items()}
+        named = {k: set(v) for k, v in names.items() if v is not None}
         for i, a in enumerate(keys):
             for b in keys[i + 1 :]:
                 if _stage(a) == _stage(b):
@@ -312,7 +317,9 @@ class EpisodicDataModule(L.LightningDataModule):
                     some = ", ".join(sorted(map(str, shared))[:5])
                     raise ValueError(
                         f"The {a} and {b} datasets share {len(shared)} classes (e.g. {some}): meta-learning "
-                        f"evaluates on unseen classes, so the splits must be disjoint."
+                        f"evaluates on unseen classes, so the splits must be disjoint. Give each split its own classes "
+                        f"(other class folders, alphabets or `split`), or, if these are different classes that only "
+                        f"share names, give them distinct `class_names`."
                     )
 
     # ---------------------------------------------------------------- loaders

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Optional
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import lightning as L
 import torch
@@ -29,7 +30,9 @@ from lightning_meta.data.episode import Episode
 from lightning_meta.functional.episode import per_task_loss, target_ndim
 from lightning_meta.learners.episode_log import EpisodeLog
 from lightning_meta.learners.nonfinite import NonFinitePolicy
-from lightning_meta.models import backbone_spec, build_backbone
+from lightning_meta.learners.widths import probe_backbone
+from lightning_meta.models import Normalization, backbone_spec, build_backbone, record_input_normalization
+from lightning_meta.models import input_normalization as backbone_normalization
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULERS = (None, "cosine", "step")
@@ -70,9 +73,18 @@ class MetaLearner(CompiledCores, L.LightningModule):
             ``torch.compile`` arguments (``{"mode": "reduce-overhead"}``). ``trainer.fit(torch.compile(learner))``
             and a ``torch.compile``-d backbone do the same with their settings. A core that fails to compile or
             changes the numbers runs eagerly after one warning (:mod:`lightning_meta.compile`).
+        normalize: the inputs' normalisation on the device, after ``uint8`` images become floats in [0, 1]:
+            ``(mean, std)``, one value per channel (or one for all), gives ``(x - mean) / std`` over the channel
+            dimension of ``[..., C, H, W]`` inputs, in training, evaluation, :meth:`adapt` and its predictor alike
+            (MAML's inner loop adapts on the normalised support set); ``None`` leaves the inputs as they are;
+            ``"auto"`` (the default) uses the backbone's own (:func:`~lightning_meta.models.input_normalization`:
+            pretrained timm and torchvision weights' mean and std), else none. Stored resolved in the checkpoint,
+            so a reloaded learner normalises as it trained.
 
     Logged: ``train/loss`` and ``train/acc`` (or ``train/mse``); ``val/loss``, ``val/acc`` and ``val/acc_ci95``
-    (classification) or ``val/mse`` and ``val/mse_ci95`` (regression); likewise ``test/*``.
+    (classification) or ``val/mse`` and ``val/mse_ci95`` (regression); likewise ``test/*``. Named evaluation sets
+    (``val={"a": A, "b": B}``) log ``val/a/acc``, ... and, as ``val/acc``, ``val/loss``, the mean over the sets, with
+    ``val/acc_ci95`` the interval of that mean (:mod:`~lightning_meta.learners.episode_log`).
 
     Example (a new learner implements two methods; nearest support example, no training):
         >>> from lightning_meta import Episode
@@ -99,6 +111,7 @@ class MetaLearner(CompiledCores, L.LightningModule):
         lr_gamma: float = 0.5,
         nonfinite: str = "raise",
         compile: Any = False,  # noqa: A002 -- the name users know from torch.compile
+        normalize: Union[str, Sequence[Union[float, Sequence[float]]], None] = "auto",
     ) -> None:
         super().__init__(compile)
         check_positive("lr", lr)
@@ -108,9 +121,12 @@ class MetaLearner(CompiledCores, L.LightningModule):
         # every option of the learner, its subclass's included (Lightning collects the arguments of each __init__ in
         # the chain), stored once; the modules passed in are not hyperparameters
         self.save_hyperparameters(ignore=["backbone"])
+        if normalize != "auto":  # checked now; "auto" is resolved when the backbone arrives (plain_backbone)
+            self.hparams.normalize = _stored(check_normalize(normalize))
         self.episode_log = EpisodeLog()  # per-stage, per-evaluation-set episode metrics
         self.nonfinite_policy = NonFinitePolicy()
         self._pending_rng: Optional[dict] = None
+        self._normalize_tensors: dict[tuple, tuple[Tensor, Tensor]] = {}  # see _normalization
 
     backbone: nn.Module
 
@@ -140,7 +156,42 @@ class MetaLearner(CompiledCores, L.LightningModule):
         """Inputs on the learner's device in the dtype of its weights: other float dtypes are cast (float64 data in a
         float32 model), and ``uint8`` images (what image datasets put in episodes, a quarter of float32's bytes) are
         moved first and converted there to floats in [0, 1] (``x / 255``, computed in float32)."""
-        return as_inputs(x, next((p for p in self.parameters() if p.is_floating_point()), None))
+        return as_inputs(x, next((p for p in self.parameters() if p.is_floating_point()), None),
+                         self._normalization(x.device if isinstance(x, Tensor) else None), name)
+
+    def plain_backbone(self, backbone: nn.Module) -> nn.Module:
+        """The backbone a learner keeps (see :class:`~lightning_meta.compile.CompiledCores`); ``normalize="auto"``
+        becomes the backbone's own normalisation here, and the backbone records the learner's (a learner built on it
+        later, e.g. ``ProtoNet(pretrainer.backbone)``, normalises as it was trained)."""
+        plain = super().plain_backbone(backbone)
+        self._resolve_normalize(plain)
+        return plain
+
+    @property
+    def input_normalization(self) -> Optional[Normalization]:
+        """The resolved ``normalize``: ``(mean, std)`` per channel, or ``None``."""
+        if self.hparams.normalize == "auto":  # a learner that keeps its backbone without plain_backbone
+            self._resolve_normalize(getattr(self, "backbone", None))
+        value = self.hparams.normalize
+        return None if value is None else (tuple(value[0]), tuple(value[1]))
+
+    def _resolve_normalize(self, backbone: Optional[nn.Module]) -> None:
+        if self.hparams.normalize == "auto":
+            self.hparams.normalize = _stored(backbone_normalization(backbone) if backbone is not None else None)
+        if backbone is not None:
+            record_input_normalization(backbone, self.input_normalization)
+
+    def _normalization(self, device: Optional[torch.device]) -> Optional[tuple[Tensor, Tensor]]:
+        """``input_normalization`` as float32 tensors on the weights' device (made once per device and value)."""
+        pair = self.input_normalization
+        if pair is None:
+            return None
+        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        device = weight.device if weight is not None else device or torch.device("cpu")
+        key = (device, pair)
+        if key not in self._normalize_tensors:
+            self._normalize_tensors = {key: (torch.tensor(pair[0], device=device), torch.tensor(pair[1], device=device))}
+        return self._normalize_tensors[key]
 
     def prepare_episode(self, batch: Any) -> Episode:
         """A meta-batch in the form the learners compute on: integer labels of any width as int64 (bool labels are
@@ -174,10 +225,11 @@ class MetaLearner(CompiledCores, L.LightningModule):
             self.episode_log.step(self, batch, outputs.detach(), "train", loss.detach())
         return reviewed
 
-    def _evaluate(self, batch: Episode, stage: str, dataloader_idx: int = 0) -> None:
+    def _evaluate(self, batch: Episode, stage: str, dataloader_idx: int = 0, batch_idx: Optional[int] = None) -> None:
         batch = self.prepare_episode(batch)
         self.check_episode(batch)
-        self.episode_log.step(self, batch, self.forward_episode(batch).detach(), stage, dataloader_idx=dataloader_idx)
+        self.episode_log.step(self, batch, self.forward_episode(batch).detach(), stage, dataloader_idx=dataloader_idx,
+                              batch_idx=batch_idx)
 
     @override
     def on_before_backward(self, loss: Tensor) -> None:
@@ -193,11 +245,11 @@ class MetaLearner(CompiledCores, L.LightningModule):
 
     @override
     def validation_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "val", dataloader_idx)
+        self._evaluate(batch, "val", dataloader_idx, batch_idx)
 
     @override
     def test_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "test", dataloader_idx)
+        self._evaluate(batch, "test", dataloader_idx, batch_idx)
 
     @override
     def predict_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
@@ -223,6 +275,7 @@ class MetaLearner(CompiledCores, L.LightningModule):
         compiler = trainer_view.take_over_compilation(self)
         if compiler is not None:  # trainer.fit(torch.compile(learner)): the cores, not the step methods
             self.use_compiler(compiler)
+        probe_backbone(self, stage)  # a backbone that does not fit the data is named now, not deep in the first step
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -321,3 +374,41 @@ class MetaLearner(CompiledCores, L.LightningModule):
         """Check one task's support set and return it as a meta-batch of one, with its number of ways."""
         batch = task_as_episode(support_x, support_y, self.as_inputs)
         return batch, self.check_episode(batch)
+
+
+def check_normalize(value: Any) -> Optional[Normalization]:
+    """A learner's ``normalize`` as ``((mean, ...), (std, ...))``, or ``None``; anything else is refused with the forms
+    it takes.
+
+    Example:
+        >>> check_normalize(([0.5, 0.4, 0.3], 0.2))
+        ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    """
+    if value is None:
+        return None
+    form = ("Expected `normalize` to be (mean, std), each a number or one number per input channel (e.g. ImageNet's "
+            "((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))), None for no normalisation, or \"auto\" for the "
+            "backbone's own")
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"{form}, but got {value!r}.")
+    parts = []
+    for part in value:
+        part = part.tolist() if isinstance(part, Tensor) else part
+        part = [part] if isinstance(part, (int, float)) and not isinstance(part, bool) else part
+        if (not isinstance(part, Sequence) or isinstance(part, str) or not part
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in part)):
+            raise ValueError(f"{form}, but got {value!r}.")
+        parts.append(tuple(float(v) for v in part))
+    mean, std = parts
+    if len(mean) != len(std) and 1 not in (len(mean), len(std)):
+        raise ValueError(f"`normalize` has {len(mean)} means but {len(std)} stds: give one per channel for both.")
+    width = max(len(mean), len(std))
+    mean, std = mean * (width // len(mean)), std * (width // len(std))
+    if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise ValueError(f"`normalize` needs finite means and positive, finite stds, but got {value!r}.")
+    return mean, std
+
+
+def _stored(pair: Optional[Normalization]) -> Optional[list[list[float]]]:
+    """How ``normalize`` is stored in hparams (and so in checkpoints and YAML): lists."""
+    return None if pair is None else [list(pair[0]), list(pair[1])]

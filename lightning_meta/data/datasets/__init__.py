@@ -1,5 +1,5 @@
 from lightning_meta.data.datasets.base import CachedImageDataset
-from lightning_meta.data.datasets.benchmarks import CIFARFS, CUB, FC100, TieredImageNet
+from lightning_meta.data.datasets.benchmarks import CIFARFS, CUB, FC100, NORMALIZATION, TieredImageNet
 from lightning_meta.data.datasets.folder import ClassFolder
 from lightning_meta.data.datasets.glyphs import SyntheticGlyphs
 from lightning_meta.data.datasets.huggingface import HuggingFaceImages
@@ -8,5 +8,5 @@ from lightning_meta.data.datasets.omniglot import Omniglot
 from lightning_meta.data.datasets.sinusoid import Sinusoid
 from lightning_meta.data.datasets.tensor import TensorClassDataset
 
-__all__ = ["CIFARFS", "CUB", "FC100", "CachedImageDataset", "ClassFolder", "HuggingFaceImages", "MiniImageNet",
-           "Omniglot", "Sinusoid", "SyntheticGlyphs", "TensorClassDataset", "TieredImageNet"]
+__all__ = ["CIFARFS", "CUB", "FC100", "NORMALIZATION", "CachedImageDataset", "ClassFolder", "HuggingFaceImages",
+           "MiniImageNet", "Omniglot", "Sinusoid", "SyntheticGlyphs", "TensorClassDataset", "TieredImageNet"]

@@ -3,6 +3,7 @@ one gather."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import zipfile
 from collections.abc import Callable, Sequence, Sized
@@ -28,7 +29,8 @@ from lightning_meta.data.datasets.cache import (
 
 
 class CachedImageDataset(Dataset):
-    """Images held as one ``uint8`` tensor ``[n, C, H, W]`` with integer ``labels`` and readable ``class_names``.
+    """Images held as one ``uint8`` tensor ``[n, C, H, W]`` with integer ``labels`` and readable ``class_names``
+    (``None`` for a source whose classes have no names, only numbers).
 
     The built-in image datasets map that tensor from a decoded-image cache file shared by every process on the machine
     (see :mod:`lightning_meta.data.datasets.cache`; ``cache_file`` says where); one built from a tensor keeps it.
@@ -43,12 +45,13 @@ class CachedImageDataset(Dataset):
 
     images: Tensor
     labels: Tensor
-    class_names: list[str]
+    class_names: Optional[list[str]]
     cache_file: Optional[CacheFile] = None
 
-    def __init__(self, images: Tensor, labels: Tensor, class_names: Sequence[str],
+    def __init__(self, images: Tensor, labels: Tensor, class_names: Optional[Sequence[str]],
                  cache_file: Optional[CacheFile] = None) -> None:
-        self.images, self.labels, self.class_names = images, labels.long(), list(class_names)
+        self.images, self.labels = images, labels.long()
+        self.class_names = list(class_names) if class_names is not None else None
         self.cache_file = cache_file
 
     def __len__(self) -> int:
@@ -69,7 +72,7 @@ class CachedImageDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names)
+        return len(self.class_names) if self.class_names is not None else int(torch.unique(self.labels).numel())
 
     def __getstate__(self) -> dict:
         # a cached dataset pickles (DataLoader workers under spawn, ddp_spawn) as its file's name, not its images
@@ -81,7 +84,8 @@ class CachedImageDataset(Dataset):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         if "images" not in state and state.get("cache_file") is not None:
-            self.images = torch.from_numpy(read_cache(state["cache_file"].path))
+            cache_file = state["cache_file"]
+            self.images = torch.from_numpy(read_cache(cache_file.path, cache_file.key, cache_file.shape))
 
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.images.shape[1:]))
@@ -91,12 +95,11 @@ class CachedImageDataset(Dataset):
 def decode_image(source, name: str, size: tuple[int, int] | None, mode: str) -> np.ndarray:
     """Decode one image file (a path or a binary file object) to ``uint8 [H, W, C]``; a broken file is named.
 
-    JPEG files read as RGB are decoded by torchvision where it is installed (libjpeg-turbo, the same pixels as PIL's,
-    faster); everything else by PIL. Resizing is PIL's Lanczos filter in both cases."""
+    The format is told by the file's content, not its name (ImageNet has PNG files named ``.JPEG``). JPEG files read as
+    RGB are decoded by torchvision where it is installed (libjpeg-turbo, the same pixels as PIL's, faster), and by PIL
+    where torchvision refuses one; everything else by PIL. Resizing is PIL's Lanczos filter in both cases."""
     try:
-        array = _torchvision_jpeg(source, mode)
-        img = Image.fromarray(array) if array is not None else Image.open(source)
-        with img:
+        with _open_image(source, mode) as img:
             img = img.convert(mode)
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.Resampling.LANCZOS)
@@ -106,15 +109,19 @@ def decode_image(source, name: str, size: tuple[int, int] | None, mode: str) -> 
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def _torchvision_jpeg(source, mode: str) -> np.ndarray | None:
-    if mode != "RGB" or not isinstance(source, (str, Path)) or Path(source).suffix.lower() not in (".jpg", ".jpeg"):
-        return None
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
-        return None
+JPEG_START = b"\xff\xd8\xff"
+
+
+def _open_image(source, mode: str) -> Image.Image:
+    if mode != "RGB" or not isinstance(source, (str, Path)):
+        return Image.open(source)
     data = np.fromfile(source, dtype=np.uint8)
-    return decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+    if data[:3].tobytes() == JPEG_START:
+        with contextlib.suppress(ImportError, RuntimeError):  # no torchvision, or a JPEG it refuses: PIL tries
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            return Image.fromarray(decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy())
+    return Image.open(io.BytesIO(data.tobytes()))
 
 
 class ImageDecoder(Protocol):
@@ -159,10 +166,13 @@ class FileDecoder:
         return 255 - image if self.invert else image
 
     def fingerprint(self) -> list:
-        """What the decoded images depend on: each file's path, size and modification time (an archive's once, with
-        its member names)."""
-        files = sorted({s if isinstance(s, str) else s[0] for s in self.sources})
-        return [file_fingerprint(files), [s[1] for s in self.sources if not isinstance(s, str)]]
+        """What the decoded images depend on, in order: each distinct file's path, size, times and inode
+        (:func:`~lightning_meta.data.datasets.cache.file_fingerprint`, an archive's once), then the items as positions
+        in that list (``[archive position, member]`` for a zip member), repeats included."""
+        files = list(dict.fromkeys(s if isinstance(s, str) else s[0] for s in self.sources))  # first-seen order
+        position = {f: i for i, f in enumerate(files)}
+        return [file_fingerprint(files), [position[s] if isinstance(s, str) else [position[s[0]], s[1]]
+                                          for s in self.sources]]
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_archives"} | {"_archives": {}}

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_meta.data.datasets.base import CachedImageDataset, FileDecoder, _size, is_image, load_images
 from lightning_meta.data.datasets.cache import CacheArg
@@ -59,14 +60,21 @@ class ClassFolder(CachedImageDataset):
                 raise ValueError(f"{type(self).__name__}: {len(missing)} class folders are missing from {root} (e.g. "
                                  f"{', '.join(missing[:3])}): is `root` the dataset's image folder, and is it whole?")
             folders = [p for p in folders if p.name in set(classes)]
-        labels, files, names = [], [], []
+        labels, files, names, dangling = [], [], [], []
         for label, folder in enumerate(folders):
-            images = sorted(str(p) for p in folder.rglob("*") if is_image(p) and p.is_file())
+            found = sorted(p for p in folder.rglob("*") if is_image(p))
+            dangling += [str(p) for p in found if p.is_symlink() and not p.exists()]
+            images = [str(p) for p in found if p.is_file()]
             if not images:
                 raise ValueError(f"The class folder {folder} holds no image files.")
             files += images
             labels += [label] * len(images)
             names.append(folder.name)
+        if dangling:
+            more = f" and {len(dangling) - 5} more" if len(dangling) > 5 else ""
+            rank_zero_warn(f"{type(self).__name__} skips {len(dangling)} dangling symlink{'s' if len(dangling) > 1 else ''}"
+                           f" under {root} (their targets do not exist): {', '.join(dangling[:5])}{more}. Restore the "
+                           "targets, or remove the links.")
         decoded, cache_file = load_images(type(self).__name__, FileDecoder(files, _size(image_size), mode), cache,
                                           decode_workers)
         super().__init__(decoded, torch.tensor(labels), names, cache_file)

@@ -3,6 +3,7 @@ cache."""
 
 from __future__ import annotations
 
+import importlib
 import io
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from lightning_meta.data.datasets.base import CachedImageDataset, _size, decode_image, load_images
-from lightning_meta.data.datasets.cache import CacheArg
+from lightning_meta.data.datasets.cache import CacheArg, file_fingerprint
 
 
 def is_huggingface_dataset(source: Any) -> bool:
@@ -23,10 +24,13 @@ class HuggingFaceImages(CachedImageDataset):
     """A Hugging Face ``datasets.Dataset`` (one split of a ``DatasetDict``) with an image column and a label column.
 
     The labels are read from the label column alone (no image is decoded for them); class names come from a
-    ``ClassLabel`` feature where there is one. The images are decoded once per machine into the decoded-image cache
-    (``cache``, ``decode_workers`` as for :class:`~lightning_meta.data.ClassFolder`), keyed by the dataset's own
-    fingerprint. :class:`~lightning_meta.EpisodicDataModule` wraps a ``datasets.Dataset`` passed as a source in this
-    class with its defaults.
+    ``ClassLabel`` feature or string labels; plain integer labels have none (``class_names`` is ``None``), so two
+    splits that each number their classes from 0 are not taken as sharing classes. The images are decoded once per
+    machine into the decoded-image cache (``cache``, ``decode_workers`` as for
+    :class:`~lightning_meta.data.ClassFolder`), keyed by the files where the column names files, else by the dataset's
+    own fingerprint.
+    :class:`~lightning_meta.EpisodicDataModule` wraps a ``datasets.Dataset`` passed as a source in this class with its
+    defaults.
 
     Args:
         dataset: the ``datasets.Dataset``.
@@ -48,13 +52,15 @@ class HuggingFaceImages(CachedImageDataset):
                 raise ValueError(f"`{role}`={column!r} is not a column of the dataset; its columns are "
                                  f"{dataset.column_names}.")
         raw = np.asarray(list(dataset[label_column]))
+        names: Optional[list[str]] = None  # plain integer labels are numbers, not names: no identity across splits
         if raw.dtype.kind in "USO":
             names_found, labels = np.unique(raw.astype(str), return_inverse=True)
             names = [str(n) for n in names_found]
         else:
             values, labels = np.unique(raw.astype(np.int64), return_inverse=True)
             feature_names = getattr(dataset.features[label_column], "names", None)
-            names = [str(feature_names[v]) if feature_names else str(v) for v in values]
+            if feature_names:
+                names = [str(feature_names[v]) for v in values]
         decoder = _ColumnDecoder(dataset, image_column, _size(image_size), mode)
         images, cache_file = load_images(type(self).__name__, decoder, cache, decode_workers)
         super().__init__(images, torch.from_numpy(labels.reshape(-1)), names, cache_file)
@@ -89,7 +95,32 @@ class _ColumnDecoder:
         return decode_image(value, self.name(i), self.size, self.mode)
 
     def fingerprint(self) -> Any:
-        fingerprint = getattr(self.dataset, "_fingerprint", None)  # the datasets library's digest of its content
+        """What the images depend on, row by row: a row that names a file (a path, or an ``Image`` without bytes) by
+        that file's size, times and inode (:func:`~lightning_meta.data.datasets.cache.file_fingerprint`), so a changed
+        file builds a new cache; rows that hold their bytes by the dataset's fingerprint (the datasets library's digest
+        of its content and of the steps that made it, row order included)."""
+        paths = self._paths()
+        files = file_fingerprint([p for p in paths if p is not None])
+        if len(files) == len(paths):  # every row a file: the files alone, in order
+            return ["files", files]
+        fingerprint = getattr(self.dataset, "_fingerprint", None)
         if fingerprint is None:
             raise ValueError("This datasets.Dataset has no fingerprint to key the image cache with: pass cache=False.")
-        return [fingerprint, len(self.dataset)]
+        return [fingerprint, len(self.dataset), [i for i, p in enumerate(paths) if p is not None], files]
+
+    def _paths(self) -> list[Optional[str]]:
+        """Each row's file path, or ``None`` where the row holds the image's bytes (read as Arrow, nothing decoded)."""
+        pa, pc = importlib.import_module("pyarrow"), importlib.import_module("pyarrow.compute")  # under `datasets`
+
+        paths: list[Optional[str]] = []
+        for batch in self.dataset.with_format("arrow").iter(batch_size=8192):
+            column = batch.column(self.column)
+            if pa.types.is_struct(column.type):  # an undecoded Image: {bytes, path}, the bytes win where present
+                named = pc.struct_field(column, "path").to_pylist()
+                embedded = pc.is_valid(pc.struct_field(column, "bytes")).to_pylist()
+                paths += [None if b else p for p, b in zip(named, embedded)]
+            elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                paths += column.to_pylist()
+            else:
+                paths += [None] * len(column)
+        return paths

@@ -46,14 +46,21 @@ class MiniImageNet(CachedImageDataset):
                 "(train.csv, val.csv, test.csv) and an `images/` folder."
             )
         with open(table, newline="") as f:
-            rows = [row for row in csv.reader(f) if row]
-        if rows and rows[0][:2] == ["filename", "label"]:
-            rows = rows[1:]
-        if not rows:
+            reader = csv.reader(f)
+            lines = [(reader.line_num, row) for row in reader if row]  # (line number, row): blank lines skipped
+        if lines and lines[0][1][:2] == ["filename", "label"]:
+            lines = lines[1:]
+        if not lines:
             raise ValueError(f"MiniImageNet split file {table} lists no images.")
-        bad = next((i for i, row in enumerate(rows) if len(row) < 2), None)
-        if bad is not None:
-            raise ValueError(f"Line {bad + 2} of {table} is not a `filename,label` row: {rows[bad]}.")
+        first: dict[str, int] = {}
+        for line, row in lines:
+            if len(row) < 2:
+                raise ValueError(f"Line {line} of {table} is not a `filename,label` row: {row}.")
+            if row[0] in first:  # one image twice: the published csv files list each image once
+                raise ValueError(f"Line {line} of {table} lists {row[0]} again (first on line {first[row[0]]}): each "
+                                 "row is one image, remove the repeated row.")
+            first[row[0]] = line
+        rows = [row[:2] for _, row in lines]
         names = sorted({label for _, label in rows})
         index = {name: i for i, name in enumerate(names)}
         files = []

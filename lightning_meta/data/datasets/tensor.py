@@ -18,8 +18,9 @@ class TensorClassDataset(Dataset):
     ``uint8`` inputs (images) stay ``uint8`` in episodes, a quarter of float32's bytes on their way to the device,
     where the learner converts them to floats in [0, 1]; a single item is served as floats.
 
-    Give ``class_names`` (one per distinct label) so the data
-    module can check that train, validation and test classes are disjoint.
+    Give ``class_names`` (one per distinct label) so the data module can check that train, validation and test
+    classes are disjoint: classes are identified by name, and integer labels alone are numbers, not names
+    (``class_names`` is ``None``), so splits that each number their classes from 0 are not taken as sharing classes.
 
     Example:
         >>> ds = TensorClassDataset(torch.zeros(6, 2), torch.tensor([0, 0, 1, 1, 2, 2]))
@@ -41,6 +42,7 @@ class TensorClassDataset(Dataset):
             bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
             raise ValueError(f"`x` contains NaN or infinite values (first at item {bad}): clean the inputs first.")
         self.x, self.labels = x, y.long()
+        self.class_names: Optional[list[str]] = None
         if class_names is not None:
             n = int(torch.unique(y).numel())
             if len(class_names) != n:
