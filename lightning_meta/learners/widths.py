@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_meta.models import backbone_spec, embedding_width, infer_embedding_width
@@ -33,9 +34,24 @@ def probe_backbone(learner: Any, stage: str) -> None:
             example = datamodule.example_input(stream)  # one input [...], no batch dimension
             key = (tuple(example.shape), example.dtype)
             if key not in done:
+                _check_range(learner, stream, example)
                 done[key] = _forward_width(learner, backbone, stream, example)
             if done[key] >= 0:
                 widths[stream] = done[key]
+
+
+def _check_range(learner: Any, stream: str, example: Tensor) -> None:
+    """Warn where the learner normalises float inputs that are not in [0, 1] (already normalised, or 0..255): the
+    normalisation would be applied on top of theirs."""
+    pair = getattr(learner, "input_normalization", None)
+    if pair is None or not example.is_floating_point() or not example.numel():
+        return
+    low, high = float(example.min()), float(example.max())
+    if low < 0 or high > 1:
+        rank_zero_warn(f"{type(learner).__name__} normalises its inputs with mean {list(pair[0])} and std "
+                       f"{list(pair[1])}, which expects images in [0, 1], but the first {stream} input spans [{low:.3g}, "
+                       f"{high:.3g}] (already normalised?): pass `normalize=None` to use the inputs as they are, or "
+                       "give images in [0, 1] (or uint8).")
 
 
 def _forward_width(learner: Any, backbone: nn.Module, stream: str, example: Tensor) -> int:
@@ -47,7 +63,7 @@ def _forward_width(learner: Any, backbone: nn.Module, stream: str, example: Tens
         backbone.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             out = backbone(x)
-    except RuntimeError as err:
+    except (RuntimeError, AssertionError) as err:  # torch's shape errors; timm's input-size checks assert
         if isinstance(err, torch.OutOfMemoryError):
             raise
         raise ValueError(_misfit_message(learner, backbone, stream, example, err)) from err
@@ -67,12 +83,14 @@ def _misfit_message(learner: Any, backbone: nn.Module, stream: str, example: Ten
         fixes["in_chans" if "in_chans" in args else "in_channels"] = shape[0]
     if isinstance(first, nn.Linear) and "in_features" in args and first.in_features != example.numel():
         fixes["in_features"] = example.numel()
-    if "image_size" in args and example.dim() == 3:
+    size_arg = next((k for k in ("image_size", "img_size") if k in args), None)  # ours; timm's
+    if size_arg is not None and example.dim() == 3:
         side: Any = shape[1] if shape[1] == shape[2] else shape[1:]
-        if args["image_size"] not in (side, list(shape[1:])):
-            fixes["image_size"] = side
+        if args[size_arg] not in (side, list(shape[1:]), tuple(shape[1:])):
+            fixes[size_arg] = side
     reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-    fix = (f"Build it for this data: {name}({', '.join(f'{k}={v}' for k, v in fixes.items())})" if fixes else
+    maker = f"timm_backbone({args.get('model_name')!r}, " if spec and spec["class_path"] == "timm.create_model" else name + "("
+    fix = (f"Build it for this data: {maker}{', '.join(f'{k}={v}' for k, v in fixes.items())})" if fixes else
            f"Build it for inputs of shape {shape} (its first layer's `in_channels` or `in_features`, and the input size "
            "any head is sized for)")
     gray = " or `mode='L'`" if fixes.get("in_channels", fixes.get("in_chans")) == 3 else ""

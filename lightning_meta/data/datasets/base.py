@@ -105,7 +105,9 @@ def decode_image(source, name: str, size: tuple[int, int] | None, mode: str) -> 
                 img = img.resize((size[1], size[0]), Image.Resampling.LANCZOS)
             array = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, RuntimeError) as err:
-        raise ValueError(f"Cannot read the image file {name}: {err}. Remove or replace the corrupt file.") from err
+        # PIL names the in-memory copy it was given (<_io.BytesIO object at 0x...>), not the file: say what it found
+        reason = "its content is in no image format PIL reads" if isinstance(err, UnidentifiedImageError) else err
+        raise ValueError(f"Cannot read the image file {name}: {reason}. Remove or replace the corrupt file.") from err
     return array[:, :, None] if array.ndim == 2 else array
 
 

@@ -38,7 +38,7 @@ from lightning_meta.data.datasets.base import (
     load_images,
 )
 from lightning_meta.data.datasets.cache import CacheArg, file_fingerprint
-from lightning_meta.data.datasets.folder import ClassFolder
+from lightning_meta.data.datasets.folder import ClassFolder, warn_dangling
 
 SPLITS = ("train", "val", "test")
 CHANNEL_ORDERS = ("rgb", "bgr")
@@ -233,12 +233,16 @@ def _class_folders(root: Path) -> tuple[list[str], list[int], list[str]]:
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     files: list[str] = []
     labels: list[int] = []
+    dangling: list[str] = []
     for label, folder in enumerate(folders):
-        images = sorted(str(p) for p in folder.rglob("*") if is_image(p) and p.is_file())
+        found = sorted(p for p in folder.rglob("*") if is_image(p))
+        dangling += [str(p) for p in found if p.is_symlink() and not p.exists()]
+        images = [str(p) for p in found if p.is_file()]
         if not images:
             raise ValueError(f"The class folder {folder} holds no image files.")
         files += images
         labels += [label] * len(images)
+    warn_dangling("TieredImageNet", root, dangling)  # folders of links into ImageNet, as often made: say what is gone
     if not folders:
         raise ValueError(f"The tieredImageNet split folder {root} has no class folders: put each class's images in a "
                          "folder of its own.")

@@ -356,10 +356,14 @@ def build(path: Path, key: str, shape: tuple[int, ...], decode: Callable[[int], 
                 with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                          initargs=(decode, os.getpid())) as pool:
                     jobs = [pool.submit(_fill, str(tmp), shape, s, min(n, s + chunk)) for s in range(0, n, chunk)]
-                    for job in jobs:
-                        done = job.result()
-                        if bar is not None:
-                            bar.update(done)
+                    try:
+                        for job in jobs:
+                            done = job.result()
+                            if bar is not None:
+                                bar.update(done)
+                    except BaseException:  # a broken image is named now, not after every other image has decoded
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
         if finish is not None:
             images = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=HEADER, shape=shape)
             finish(images)
@@ -455,7 +459,8 @@ def prune_cache(keep: Any, cache_dir: Optional[Union[str, os.PathLike]] = None, 
                 removed.append(tmp)
     if not dry_run:
         for path in removed:
-            path.unlink(missing_ok=True)
+            if path.suffix != ".lock":  # removed above while held: this name may be a new build's lock by now
+                path.unlink(missing_ok=True)
     return removed
 
 

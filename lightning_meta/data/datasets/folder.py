@@ -70,12 +70,17 @@ class ClassFolder(CachedImageDataset):
             files += images
             labels += [label] * len(images)
             names.append(folder.name)
-        if dangling:
-            more = f" and {len(dangling) - 5} more" if len(dangling) > 5 else ""
-            rank_zero_warn(f"{type(self).__name__} skips {len(dangling)} dangling symlink{'s' if len(dangling) > 1 else ''}"
-                           f" under {root} (their targets do not exist): {', '.join(dangling[:5])}{more}. Restore the "
-                           "targets, or remove the links.")
+        warn_dangling(type(self).__name__, root, dangling)
         decoded, cache_file = load_images(type(self).__name__, FileDecoder(files, _size(image_size), mode), cache,
                                           decode_workers)
         super().__init__(decoded, torch.tensor(labels), names, cache_file)
         self.files = files
+
+
+def warn_dangling(kind: str, root: Path, dangling: list[str]) -> None:
+    """One warning naming the dangling symbolic links (their targets do not exist) that ``kind`` skipped."""
+    if dangling:
+        more = f" and {len(dangling) - 5} more" if len(dangling) > 5 else ""
+        rank_zero_warn(f"{kind} skips {len(dangling)} dangling symlink{'s' if len(dangling) > 1 else ''} under {root} "
+                       f"(their targets do not exist): {', '.join(dangling[:5])}{more}. Restore the targets, or remove "
+                       "the links.")
