@@ -1,13 +1,15 @@
 """Run by test_ddp.py as its own command (Lightning's `ddp` launcher re-executes this file for rank 1):
 
-    python tests/ddp_skip.py OUT_DIR MODE DEVICES
+    python tests/ddp_skip.py OUT_DIR MODE[,MODE...] DEVICES
 
 DEVICES processes train a ProtoNet for 4 steps (meta-batch 4 in all); at step 1 only the last rank's meta-loss is NaN.
 With MODE "skip" every rank must skip that step (no rank waits in an all-reduce another skipped), with "raise" every
 rank must stop. MODE "accumulate" (and "accumulate_scaler", float16 with a gradient scaler) accumulates gradients
 over 2 meta-batches for 3 steps with NaNs at batches 2 and 5. Writes OUT_DIR/rank{R}.pt with the steps taken, the
 error and the final weights. MODE "few_eval" asks for validation with fewer evaluation meta-batches than processes,
-which every rank must refuse at setup.
+which every rank must refuse at setup. Several modes run one after the other in one launch (the imports and the
+process group paid once), each writing OUT_DIR/MODE/rank{R}.pt; "raise" and "few_eval" end the launch (Lightning's
+launcher stops the other ranks after an error), so each goes last.
 """
 
 import sys
@@ -71,4 +73,6 @@ def run(out: Path, mode: str, devices: int) -> None:
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    for name in sys.argv[2].split(","):
+        (Path(sys.argv[1]) / name).mkdir(exist_ok=True)
+        run(Path(sys.argv[1]) / name, name, int(sys.argv[3]))

@@ -1,12 +1,16 @@
 """Run by test_faults.py as its own process.
 
     python tests/kill_run.py LEARNER OUT MODE      MODE: full | kill | resume
+    python tests/kill_run.py all OUT LEARNER...    each mode of each learner, in order, in forked processes
 
 `full` trains 2 epochs; `kill` trains the same run and SIGKILLs its own process after global step 11 (mid-epoch 2,
 a checkpoint saved after every step); `resume` continues the killed run from OUT/ckpt/last.ckpt. `full` and `resume`
-save the final weights and metrics to OUT/result.pt.
+save the final weights and metrics to OUT/result.pt. `all` runs, per learner, `full` in OUT/LEARNER/full, then `kill`
+and `resume` in OUT/LEARNER/cut, each as its own process forked after the imports (see forking.py), and writes each
+one's exit status, stderr and whether it saved a result to OUT/LEARNER/status.json.
 """
 
+import json
 import os
 import signal
 import sys
@@ -16,6 +20,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from forking import run_forked  # noqa: E402
 from helpers import blob_data  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
@@ -55,5 +60,19 @@ def main(learner: str, out: Path, mode: str) -> None:
                 "step": trainer.global_step}, out / "result.pt")
 
 
+def all_modes(out: Path, learners: list[str]) -> None:
+    for learner in learners:
+        (out / learner).mkdir(parents=True)
+        status = {}
+        for mode, folder in (("full", "full"), ("kill", "cut"), ("resume", "cut")):
+            done = run_forked(main, learner, out / learner / folder, mode, logs=out / learner / mode)
+            status[mode] = {"returncode": done.returncode, "stderr": done.stderr[-3000:],
+                            "result_saved": (out / learner / folder / "result.pt").exists()}
+        (out / learner / "status.json").write_text(json.dumps(status))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
+    if sys.argv[1] == "all":
+        all_modes(Path(sys.argv[2]), sys.argv[3:])
+    else:
+        main(sys.argv[1], Path(sys.argv[2]), sys.argv[3])

@@ -29,7 +29,8 @@ EXTRA = {  # the DDP config runs on one process here (its 2-process run: example
     "maml_wandb_glyphs": ["--model.init_args.backbone.init_args.hidden=8"],
     # the README's recipe: training images shifted (the transform object must not break checkpoints)
     "protonet_glyphs": ["--data.train_transform=lightning_meta.data.RandomShift",
-                        "--data.train_transform.max_shift=2"],
+                        "--data.train_transform.max_shift=2", "--model.init_args.backbone.init_args.hidden=8"],
+    "attention_glyphs": ["--model.init_args.backbone.init_args.hidden=8", "--model.init_args.dim=32"],
 }
 CONFIG_NAMES = ["protonet_glyphs", "attention_glyphs", "maml_sinusoid", "maml_ddp_glyphs", "maml_wandb_glyphs",
                 "protonet_omniglot", "pretrain_omniglot"]
@@ -80,28 +81,44 @@ def command(*args, cwd):
     return subprocess.run([*base, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def commands(cwd, **named):
+    """Each named command line run as the console script (``sys.exit(main())``), each in a process of its own, from
+    one launch (tests/cli_run.py forks them after the imports): ``{name: CompletedProcess}``."""
+    env = {**os.environ, "PYTHONPATH": str(Path(lightning_meta.__file__).parents[1])}
+    out = cwd / "commands.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "cli_run.py"), str(out),
+                           *(f"{name}={json.dumps(args)}" for name, args in named.items())],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {name: subprocess.CompletedProcess(named[name], r["returncode"], r["stdout"], r["stderr"])
+            for name, r in json.loads(out.read_text()).items()}
+
+
 def test_each_subcommand_exits_zero_on_success_and_non_zero_on_failure(tmp_path):
     common = [f"--config={CONFIGS / 'maml_sinusoid'}.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
               "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--data.val_episodes=8",
               "--data.test_episodes=8"]
-    fit = command("fit", *common, "--trainer.max_steps=2", cwd=tmp_path)
+    fit = command("fit", *common, "--trainer.max_steps=2", cwd=tmp_path)  # the installed command itself
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "lightning_meta.cli.MetaCLI object" not in fit.stdout + fit.stderr
     ckpt = next(tmp_path.rglob("*.ckpt"))
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    ran = commands(tmp_path, **{sub: [sub, *common, f"--ckpt_path={ckpt}"] for sub in ("validate", "test", "predict")},
+                   broken=["test", *common, f"--ckpt_path={broken}"], misspelled=["fit", *common, "--data.n_shots=5"])
     for sub in ("validate", "test", "predict"):
-        done = command(sub, *common, f"--ckpt_path={ckpt}", cwd=tmp_path)
-        assert done.returncode == 0, f"{sub}: {done.stderr[-3000:]}"
+        assert ran[sub].returncode == 0, f"{sub}: {ran[sub].stderr[-3000:]}"
+        assert "lightning_meta.cli.MetaCLI object" not in ran[sub].stdout + ran[sub].stderr
     # predict keeps its outputs where it says (before: exit 0 and nothing kept)
+    done = ran["predict"]
     said = [line for line in (done.stdout + done.stderr).splitlines() if "Predictions written to" in line]
     assert len(said) == 1, done.stdout + done.stderr
     written = torch.load(said[0].split("Predictions written to ")[1].strip(), weights_only=True)
     assert sum(p.shape[0] for p in written["predictions"]) == 8  # the 8 test episodes, one row of predictions each
     assert all(p.dim() == 2 and torch.isfinite(p).all() for p in written["predictions"])  # [B, M] sine values
-    broken = tmp_path / "broken.ckpt"
-    broken.write_bytes(b"PK\x03\x04 truncated")
-    failed = command("test", *common, f"--ckpt_path={broken}", cwd=tmp_path)
+    failed = ran["broken"]
     assert failed.returncode != 0 and "corrupt or truncated" in failed.stderr
-    misspelled = command("fit", *common, "--data.n_shots=5", cwd=tmp_path)
+    misspelled = ran["misspelled"]
     assert misspelled.returncode != 0 and "n_shots" in misspelled.stderr
 
 

@@ -92,22 +92,39 @@ def test_ddp_episode_accuracy_equals_the_single_process_result(runs):
         assert r1["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6)
 
 
-def _skip_run(tmp_path, mode, devices):
-    tmp_path = tmp_path / f"{mode}{devices}"
+def _skip_run(tmp_path, modes, devices):
+    """``ddp_skip.py`` on ``devices`` processes, the comma-separated ``modes`` one after the other in one launch: each
+    mode's per-rank results."""
+    tmp_path = tmp_path / f"{modes.replace(',', '_')}{devices}"
     tmp_path.mkdir()
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-    proc = subprocess.run([sys.executable, str(HERE / "ddp_skip.py"), str(tmp_path), mode, str(devices)],
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_skip.py"), str(tmp_path), modes, str(devices)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(devices)]
+    return {mode: [torch.load(tmp_path / mode / f"rank{r}.pt") for r in range(devices)] for mode in modes.split(",")}
 
 
-def test_a_nan_on_one_rank_makes_every_rank_skip_the_meta_batch_as_one_process_does(tmp_path):
+SKIP_MODES = "skip,accumulate,accumulate_scaler"
+
+
+@pytest.fixture(scope="module")
+def skip_runs(tmp_path_factory):
+    """The modes that train to the end, on 2 processes and on one (a launch each, once per test run)."""
+
+    def launch(folder):
+        for devices in (2, 1):
+            torch.save(_skip_run(folder, SKIP_MODES, devices), folder / f"devices{devices}.pt")
+
+    folder = once_per_run("ddp_skip_runs", tmp_path_factory, launch)
+    return {devices: torch.load(folder / f"devices{devices}.pt") for devices in (2, 1)}
+
+
+def test_a_nan_on_one_rank_makes_every_rank_skip_the_meta_batch_as_one_process_does(skip_runs):
     # only rank 1 sees a NaN meta-loss at step 1; both ranks must skip it together (a rank that returned without a
     # backward would leave the other waiting in the gradient all-reduce), and the run must equal one process that
     # skips the same step
-    r0, r1 = _skip_run(tmp_path, "skip", 2)
-    (single,) = _skip_run(tmp_path, "skip", 1)
+    r0, r1 = skip_runs[2]["skip"]
+    (single,) = skip_runs[1]["skip"]
     assert r0["global_step"] == r1["global_step"] == single["global_step"] == 4
     for a, b, c in zip(r0["weights"], r1["weights"], single["weights"]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -115,13 +132,13 @@ def test_a_nan_on_one_rank_makes_every_rank_skip_the_meta_batch_as_one_process_d
 
 
 @pytest.mark.parametrize("mode", ["accumulate", "accumulate_scaler"])
-def test_a_skipped_meta_batch_under_gradient_accumulation_is_the_one_process_skip(tmp_path, mode):
+def test_a_skipped_meta_batch_under_gradient_accumulation_is_the_one_process_skip(skip_runs, mode):
     # batch 2 opens an accumulation window of 2 and batch 5 closes one, NaN on the last rank only. One process adds
     # nothing for a skipped batch and keeps the window's other gradients (in float32 it steps on them; under a
     # gradient scaler Lightning skips a step whose last batch was skipped, and the scaler's update). Before, DDP
     # dropped every gradient of the window (or made them NaN and halved the scale) instead
-    r0, r1 = _skip_run(tmp_path, mode, 2)
-    (single,) = _skip_run(tmp_path, mode, 1)
+    r0, r1 = skip_runs[2][mode]
+    (single,) = skip_runs[1][mode]
     assert r0["global_step"] == r1["global_step"] == single["global_step"] == 3
     tol = 1e-5 if mode == "accumulate" else 1e-4  # float16 autocast rounds meta-batches of 2 and 4 differently
     for a, b, c in zip(r0["weights"], r1["weights"], single["weights"]):
@@ -133,13 +150,13 @@ def test_a_skipped_meta_batch_under_gradient_accumulation_is_the_one_process_ski
 
 
 def test_a_nan_on_one_rank_stops_every_rank_in_raise_mode(tmp_path):
-    r0, r1 = _skip_run(tmp_path, "raise", 2)
+    r0, r1 = _skip_run(tmp_path, "raise", 2)["raise"]
     assert "is finite here but not on another process at global step 1" in r0["error"]
     assert "is nan at global step 1" in r1["error"]
 
 
 def test_evaluation_with_fewer_meta_batches_than_processes_is_refused_at_setup_on_every_rank(tmp_path):
-    r0, r1 = _skip_run(tmp_path, "few_eval", 2)
+    r0, r1 = _skip_run(tmp_path, "few_eval", 2)["few_eval"]
     for r in (r0, r1):
         assert "`val_episodes`=1 in meta-batches of 1 (`eval_meta_batch_size`) gives 1 val meta-batch(es) for 2 " \
                "processes" in r["error"] and "raise `val_episodes` to at least 2" in r["error"]

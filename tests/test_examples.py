@@ -1,17 +1,19 @@
 """Each of the three documented uses runs end to end (briefly), as its own command."""
 
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import once_per_run, wandb_worker
+from conftest import exclusive, once_per_run, wandb_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,10 +111,34 @@ def test_wandb_example_offline_writes_the_run_with_images(tmp_path):
 
 
 RECIPES = ROOT / "examples" / "configs" / "recipes"
+RECIPE_NAMES = sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml")))
-def test_each_recipe_runs_prints_the_5_way_figure_last_and_saves_a_loadable_learner(recipe, tmp_path):
+def recipe_run(recipe: str, tmp_path_factory) -> tuple[dict, Path]:
+    """``benchmarks/omniglot_accuracy.py --recipe`` on ``recipe`` (1 step a stage, 8 test episodes, a checkpoint): its
+    exit status, stdout, stderr and checkpoint. One launch runs every recipe (tests/recipe_run.py forks each run after
+    the imports), started by the first test that asks, in this worker; a test on another worker waits for its own."""
+    with exclusive("recipe_runs", tmp_path_factory) as shared:
+        folder, start = shared / "recipe_runs", not (shared / "recipe_runs").is_dir()
+        if start:
+            folder.mkdir()
+    name = recipe.replace("/", "__")
+    if start:
+        launch = subprocess.run([sys.executable, str(ROOT / "tests" / "recipe_run.py"), str(folder),
+                                 *(str(RECIPES / f"{r}.yaml") for r in RECIPE_NAMES)], cwd=folder, timeout=1200,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+        (folder / ".finished").touch()  # (also when the launch itself broke)
+        assert launch.returncode == 0, launch.stderr[-3000:]
+    deadline = time.monotonic() + 1200
+    while not (folder / f"{name}.json").is_file():
+        assert not (folder / ".finished").is_file(), f"the recipe runs ended without {recipe}"
+        assert time.monotonic() < deadline, f"no result for {recipe} after 20 minutes"
+        time.sleep(0.5)
+    return json.loads((folder / f"{name}.json").read_text()), folder / f"{name}.ckpt"
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+def test_each_recipe_runs_prints_the_5_way_figure_last_and_saves_a_loadable_learner(recipe, tmp_path_factory):
     assert {"omniglot_protonet", "omniglot_attention", "omniglot_maml"} <= {p.stem for p in RECIPES.glob("*.yaml")}
     from conftest import OMNIGLOT, UNSEEN_ALPHABETS
     from lightning_meta import learners
@@ -120,16 +146,11 @@ def test_each_recipe_runs_prints_the_5_way_figure_last_and_saves_a_loadable_lear
 
     if not (OMNIGLOT / "images_background_small2.zip").is_file():
         pytest.skip(f"real Omniglot zips not found in {OMNIGLOT}")
-    ckpt = tmp_path / "learner.ckpt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "omniglot_accuracy.py"), "--recipe",
-         str(RECIPES / f"{recipe}.yaml"), "--limit-steps", "2", "--test-episodes",
-         "8", "--checkpoint", str(ckpt)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
+    proc, ckpt = recipe_run(recipe, tmp_path_factory)
+    assert proc["returncode"] == 0, proc["stderr"][-3000:]
+    lines = proc["stdout"].strip().splitlines()
     assert re.fullmatch(r"  5-way 1-shot on 8 episodes of unseen alphabets.*: \d+\.\d\d% \+- \d+\.\d\d%", lines[-1])
-    trained = re.search(r"^(\w+): trained in [\d.]+ min wall, [\d.]+ CPU-min", proc.stdout, re.M).group(1)
+    trained = re.search(r"^(\w+): trained in [\d.]+ min wall, [\d.]+ CPU-min", proc["stdout"], re.M).group(1)
     learner = getattr(learners, trained).load_from_checkpoint(ckpt, weights_only=True)
     unseen = Omniglot(OMNIGLOT, ["images_background_small2"], alphabets=UNSEEN_ALPHABETS[:1])
     first = [int(torch.nonzero(unseen.labels == c)[0]) for c in range(5)]  # 5 characters, one image each

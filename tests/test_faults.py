@@ -1,17 +1,18 @@
 """Faults: a SIGKILLed run resumes to the same result; checkpoints survive a kill during a save; broken checkpoints and
 non-finite losses get clear errors."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import blob_data, episode, trainer
 
+from conftest import once_per_run
 from lightning_meta import ProtoNet
 from lightning_meta.models import MLP
 
@@ -27,14 +28,26 @@ def run(*args, check=True):
     return proc
 
 
-@pytest.mark.parametrize("learner", ["protonet", "maml", "attention"])
-def test_a_sigkilled_run_resumed_from_its_last_checkpoint_ends_exactly_like_an_uninterrupted_run(learner, tmp_path):
-    run(learner, tmp_path / "full", "full")
-    killed = run(learner, tmp_path / "cut", "kill", check=False)
-    assert killed.returncode == -signal.SIGKILL  # really killed by the signal, mid-epoch
-    assert not (tmp_path / "cut" / "result.pt").exists()
-    run(learner, tmp_path / "cut", "resume")
-    full, resumed = torch.load(tmp_path / "full" / "result.pt"), torch.load(tmp_path / "cut" / "result.pt")
+LEARNERS = ["protonet", "maml", "attention"]
+
+
+@pytest.fixture(scope="module")
+def kill_runs(tmp_path_factory):
+    """Each learner's uninterrupted, killed and resumed runs, each its own process, from one launch (the imports paid
+    once: kill_run.py forks them), once per test run."""
+    return once_per_run("kill_runs", tmp_path_factory, lambda folder: run("all", folder / "runs", *LEARNERS)) / "runs"
+
+
+@pytest.mark.parametrize("learner", LEARNERS)
+def test_a_sigkilled_run_resumed_from_its_last_checkpoint_ends_exactly_like_an_uninterrupted_run(learner, kill_runs):
+    out = kill_runs / learner
+    status = json.loads((out / "status.json").read_text())
+    assert status["full"]["returncode"] == 0, status["full"]["stderr"]
+    # really killed by the signal, mid-epoch, before the end of its run
+    assert status["kill"]["returncode"] == -signal.SIGKILL, status["kill"]["stderr"]
+    assert not status["kill"]["result_saved"]
+    assert status["resume"]["returncode"] == 0, status["resume"]["stderr"]
+    full, resumed = torch.load(out / "full" / "result.pt"), torch.load(out / "cut" / "result.pt")
     assert full["step"] == resumed["step"] == 16
     assert full["state"].keys() == resumed["state"].keys()
     for name, value in full["state"].items():
@@ -43,27 +56,41 @@ def test_a_sigkilled_run_resumed_from_its_last_checkpoint_ends_exactly_like_an_u
 
 
 SAVER = """
-import sys, torch
+import os, signal, sys, time, torch
 from lightning_meta.checkpoint import CheckedCheckpointIO
-io, i = CheckedCheckpointIO(), 0
-while True:
-    i += 1
-    io.save_checkpoint({"i": i, "w": torch.full((25_000_000,), float(i))}, sys.argv[1])
-    print(i, flush=True)
+
+def save_forever(path, ready):
+    io, i = CheckedCheckpointIO(), 0
+    while True:
+        i += 1
+        io.save_checkpoint({"i": i, "w": torch.full((25_000_000,), float(i))}, path)
+        os.write(ready, b"%d\\n" % i)
+
+for n, delay in enumerate(map(float, sys.argv[2:])):  # each saver its own process, forked after the imports
+    read, ready = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            save_forever(f"{sys.argv[1]}/last{n}.ckpt", ready)
+        finally:
+            os._exit(1)
+    assert os.read(read, 64)  # one save completed
+    time.sleep(delay)  # now somewhere inside a later save (each writes 100 MB)
+    os.kill(pid, signal.SIGKILL)
+    print(os.waitpid(pid, 0)[1], flush=True)
 """
 
 
 def test_a_kill_during_a_checkpoint_save_never_leaves_a_file_that_loads_wrongly(tmp_path):
     from lightning_meta.checkpoint import read_checkpoint
 
-    path = tmp_path / "last.ckpt"
-    for delay in (0.05, 0.2, 0.45):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, env=ENV)
-        assert proc.stdout.readline()  # one save completed
-        time.sleep(delay)  # now somewhere inside a later save (each writes 100 MB)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        ckpt = read_checkpoint(path)
+    delays = (0.05, 0.2, 0.45)
+    proc = subprocess.run([sys.executable, "-c", SAVER, str(tmp_path), *map(str, delays)], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [str(signal.SIGKILL.value)] * len(delays)  # each saver killed by the signal
+    for n in range(len(delays)):
+        ckpt = read_checkpoint(tmp_path / f"last{n}.ckpt")
         assert ckpt["i"] >= 1 and torch.equal(ckpt["w"], torch.full((25_000_000,), float(ckpt["i"])))
 
 
