@@ -34,11 +34,10 @@ from lightning_meta.data.datasets.base import (
     ImageDecoder,
     _size,
     decode_image,
-    is_image,
     load_images,
 )
 from lightning_meta.data.datasets.cache import CacheArg, file_fingerprint
-from lightning_meta.data.datasets.folder import ClassFolder, warn_dangling
+from lightning_meta.data.datasets.folder import ClassFolder, class_files
 
 SPLITS = ("train", "val", "test")
 CHANNEL_ORDERS = ("rgb", "bgr")
@@ -231,21 +230,11 @@ def _unpickle(path: Path) -> Any:
 def _class_folders(root: Path) -> tuple[list[str], list[int], list[str]]:
     """The image files of every class folder of ``root`` (folders and files sorted), their labels, the folder names."""
     folders = sorted(p for p in root.iterdir() if p.is_dir())
-    files: list[str] = []
-    labels: list[int] = []
-    dangling: list[str] = []
-    for label, folder in enumerate(folders):
-        found = sorted(p for p in folder.rglob("*") if is_image(p))
-        dangling += [str(p) for p in found if p.is_symlink() and not p.exists()]
-        images = [str(p) for p in found if p.is_file()]
-        if not images:
-            raise ValueError(f"The class folder {folder} holds no image files.")
-        files += images
-        labels += [label] * len(images)
-    warn_dangling("TieredImageNet", root, dangling)  # folders of links into ImageNet, as often made: say what is gone
     if not folders:
         raise ValueError(f"The tieredImageNet split folder {root} has no class folders: put each class's images in a "
                          "folder of its own.")
+    # folders of links into ImageNet are often made: class_files names the links whose targets are gone
+    files, labels = class_files("TieredImageNet", root, folders)
     return files, labels, [p.name for p in folders]
 
 

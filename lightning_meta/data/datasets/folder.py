@@ -60,21 +60,29 @@ class ClassFolder(CachedImageDataset):
                 raise ValueError(f"{type(self).__name__}: {len(missing)} class folders are missing from {root} (e.g. "
                                  f"{', '.join(missing[:3])}): is `root` the dataset's image folder, and is it whole?")
             folders = [p for p in folders if p.name in set(classes)]
-        labels, files, names, dangling = [], [], [], []
-        for label, folder in enumerate(folders):
-            found = sorted(p for p in folder.rglob("*") if is_image(p))
-            dangling += [str(p) for p in found if p.is_symlink() and not p.exists()]
-            images = [str(p) for p in found if p.is_file()]
-            if not images:
-                raise ValueError(f"The class folder {folder} holds no image files.")
-            files += images
-            labels += [label] * len(images)
-            names.append(folder.name)
-        warn_dangling(type(self).__name__, root, dangling)
+        files, labels = class_files(type(self).__name__, root, folders)
         decoded, cache_file = load_images(type(self).__name__, FileDecoder(files, _size(image_size), mode), cache,
                                           decode_workers)
-        super().__init__(decoded, torch.tensor(labels), names, cache_file)
+        super().__init__(decoded, torch.tensor(labels), [p.name for p in folders], cache_file)
         self.files = files
+
+
+def class_files(kind: str, root: Path, folders: Sequence[Path]) -> tuple[list[str], list[int]]:
+    """The image files under each class folder (sorted; class ``i`` = ``folders[i]``) and their labels; a folder with
+    no image is an error, dangling symbolic links are skipped with one warning naming them."""
+    files: list[str] = []
+    labels: list[int] = []
+    dangling: list[str] = []
+    for label, folder in enumerate(folders):
+        found = sorted(p for p in folder.rglob("*") if is_image(p))
+        dangling += [str(p) for p in found if p.is_symlink() and not p.exists()]
+        images = [str(p) for p in found if p.is_file()]
+        if not images:
+            raise ValueError(f"The class folder {folder} holds no image files.")
+        files += images
+        labels += [label] * len(images)
+    warn_dangling(kind, root, dangling)
+    return files, labels
 
 
 def warn_dangling(kind: str, root: Path, dangling: list[str]) -> None:
