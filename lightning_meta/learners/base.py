@@ -156,8 +156,9 @@ class MetaLearner(CompiledCores, L.LightningModule):
         """Inputs on the learner's device in the dtype of its weights: other float dtypes are cast (float64 data in a
         float32 model), and ``uint8`` images (what image datasets put in episodes, a quarter of float32's bytes) are
         moved first and converted there to floats in [0, 1] (``x / 255``, computed in float32)."""
-        return as_inputs(x, next((p for p in self.parameters() if p.is_floating_point()), None),
-                         self._normalization(x.device if isinstance(x, Tensor) else None), name)
+        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        device = weight.device if weight is not None else x.device if isinstance(x, Tensor) else None
+        return as_inputs(x, weight, self._normalization(device), name)
 
     def plain_backbone(self, backbone: nn.Module) -> nn.Module:
         """The backbone a learner keeps (see :class:`~lightning_meta.compile.CompiledCores`); ``normalize="auto"``
@@ -182,12 +183,11 @@ class MetaLearner(CompiledCores, L.LightningModule):
             record_input_normalization(backbone, self.input_normalization)
 
     def _normalization(self, device: Optional[torch.device]) -> Optional[tuple[Tensor, Tensor]]:
-        """``input_normalization`` as float32 tensors on the weights' device (made once per device and value)."""
+        """``input_normalization`` as float32 tensors on ``device`` (the weights', made once per device and value)."""
         pair = self.input_normalization
         if pair is None:
             return None
-        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
-        device = weight.device if weight is not None else device or torch.device("cpu")
+        device = device or torch.device("cpu")
         key = (device, pair)
         if key not in self._normalize_tensors:
             self._normalize_tensors = {key: (torch.tensor(pair[0], device=device), torch.tensor(pair[1], device=device))}
