@@ -32,6 +32,7 @@ from lightning_meta import trainer_view
 from lightning_meta.checkpoint import read_checkpoint
 from lightning_meta.data.checks import as_targets
 from lightning_meta.data.datamodule import EpisodicDataModule
+from lightning_meta.data.ragged import RaggedEpisode
 from lightning_meta.learners.base import MetaLearner
 
 
@@ -51,23 +52,35 @@ class PredictionWriter(BasePredictionWriter):
         saved = torch.load("predictions.pt", weights_only=True)
         logits, labels = torch.cat(saved["predictions"]), torch.cat(saved["query_y"])  # [E, M, N], [E, M]
         per_episode = (logits.argmax(-1) == labels).float().mean(1)  # [E]: its mean is `test/acc`
+
+    A ragged meta-batch (:class:`~lightning_meta.data.RaggedEpisode`: variable-way, variable-shot episodes) is saved
+    task by task: its ``"predictions"`` entry is a list of its B tasks' own logits ``[M_i, N_i]`` and its ``"query_y"``
+    entry a list of their labels ``[M_i]`` (``batch_indices`` as above)::
+
+        tasks = [(l, y) for ls, ys in zip(saved["predictions"], saved["query_y"]) for l, y in zip(ls, ys)]
+        per_episode = torch.stack([(l.argmax(-1) == y).float().mean() for l, y in tasks])  # [E]
     """
 
     def __init__(self) -> None:
         super().__init__(write_interval="epoch")
         self.path: Optional[Path] = None
-        self._labels: dict[int, list[Tensor]] = {}  # per loader, per meta-batch: query_y [B, M]
+        self._labels: dict[int, list[Any]] = {}  # per loader, per meta-batch: query_y [B, M] (ragged: [M_i] each)
+        self._tasks: dict[int, list[Optional[list[Tensor]]]] = {}  # per loader, per ragged meta-batch: [M_i, N_i] each
         self._indices: dict[int, list[Optional[list[int]]]] = {}  # per loader, per meta-batch: its episodes
 
     def on_predict_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._labels, self._indices = {}, {}
+        self._labels, self._indices, self._tasks = {}, {}, {}
         trainer_view.known_batch_indices(trainer, [loader for loader in trainer_view.predict_loaders(trainer)
                                                    if callable(_step_indices(loader))])
 
     def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
                              dataloader_idx: int = 0) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        self._labels.setdefault(dataloader_idx, []).append(as_targets(batch[3], "query_y").detach().cpu())
+        ragged = isinstance(batch, RaggedEpisode)
+        labels = as_targets(batch.query_y if ragged else batch[3], "query_y").detach().cpu()
+        self._labels.setdefault(dataloader_idx, []).append(list(labels.split(batch.query_sizes)) if ragged else labels)
+        tasks = [t.detach().cpu() for t in batch.unpad_outputs(outputs)] if ragged else None  # each task's own cells
+        self._tasks.setdefault(dataloader_idx, []).append(tasks)
         # an episode stream knows the episodes of its step (Lightning tracks indices of batch samplers only)
         step_indices = _step_indices(trainer_view.predict_loaders(trainer)[dataloader_idx])
         self._indices.setdefault(dataloader_idx, []).append(step_indices(batch_idx) if callable(step_indices) else None)
@@ -78,7 +91,8 @@ class PredictionWriter(BasePredictionWriter):
         name = f"predictions_rank{trainer.global_rank}.pt" if trainer.world_size > 1 else "predictions.pt"
         self.path = root / name
         n = len(batch_indices)  # Lightning's: a list per loader, empty where it could not tell
-        outputs = list(predictions) if n > 1 else [predictions]
+        outputs = [[_ragged_or(self._tasks.get(i, []), j, theirs) for j, theirs in enumerate(batches)]
+                   for i, batches in enumerate(list(predictions) if n > 1 else [predictions])]
         labels = [self._labels.get(i, []) for i in range(n)]
         indices = [[ours if ours is not None else (theirs[j] if j < len(theirs) else None)
                     for j, ours in enumerate(self._indices.get(i, []))] for i, theirs in enumerate(batch_indices)]
@@ -89,6 +103,12 @@ class PredictionWriter(BasePredictionWriter):
         elif n == 1:
             saved = {key: lists[0] for key, lists in saved.items()}
         torch.save(saved, self.path)
+
+
+def _ragged_or(tasks: list[Optional[list[Tensor]]], j: int, outputs: Any) -> Any:
+    """Meta-batch ``j``'s per-task logits where it was ragged, else its outputs as Lightning kept them."""
+    ours = tasks[j] if j < len(tasks) else None
+    return outputs if ours is None else ours
 
 
 def _step_indices(loader: Any) -> Any:

@@ -434,3 +434,15 @@ def _eager_random():
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch(fallback_random=True)
+
+
+def eager_for_ragged(learner: CompiledCores, core: str) -> None:
+    """A learner that compiles its cores runs ``core`` eagerly on ragged meta-batches (every new mix of task shapes
+    would be a new static-shape graph, compiled and checked against eager again): said once per learner and core
+    with a :class:`~lightning_meta.compile.CompileFallbackWarning`; fixed-shape meta-batches stay compiled."""
+    said = learner.__dict__.setdefault("_ragged_eager", set())
+    if learner.compiler is not None and core not in said:
+        said.add(core)
+        warnings.warn(f"{type(learner).__name__}'s compiled {core} runs eagerly on ragged meta-batches (tasks of "
+                      "different shapes would compile a graph per mix of shapes); fixed-shape meta-batches stay "
+                      "compiled.", CompileFallbackWarning, stacklevel=3)

@@ -20,6 +20,9 @@ SMALL_DATA = {  # shrink each config's data so a test run takes seconds
     "glyphs": ["--data.train.init_args.num_classes=30", "--data.val.init_args.num_classes=10",
                "--data.test.init_args.num_classes=10"],
     "sinusoid": [],
+    # variable episodes from two sources (Omniglot alphabets and glyphs): ProtoNet and Proto-MAML
+    "episodes": ["--model.init_args.backbone.init_args.hidden=8", "--data.val_episodes=2"],
+    "protomaml": ["--model.init_args.backbone.init_args.hidden=8", "--data.val_episodes=2"],
     "omniglot": ["--model.init_args.backbone.init_args.hidden=8", "--data.train_way=5", "--data.val_episodes=4",
                  "--data.test.init_args.alphabets=[Tagalog]"],
 }
@@ -33,7 +36,7 @@ EXTRA = {  # the DDP config runs on one process here (its 2-process run: example
     "attention_glyphs": ["--model.init_args.backbone.init_args.hidden=8", "--model.init_args.dim=32"],
 }
 CONFIG_NAMES = ["protonet_glyphs", "attention_glyphs", "maml_sinusoid", "maml_ddp_glyphs", "maml_wandb_glyphs",
-                "protonet_omniglot", "pretrain_omniglot"]
+                "protonet_omniglot", "pretrain_omniglot", "variable_episodes", "variable_episodes_protomaml"]
 
 
 def common_args(config, tmp_path):
@@ -47,7 +50,8 @@ def common_args(config, tmp_path):
 def test_every_example_config_fits_resumes_tests_and_loads_from_its_checkpoint(config, tmp_path, monkeypatch, request):
     if "wandb" in config:
         request.getfixturevalue("one_wandb_run_at_a_time")
-    if config.endswith("_omniglot") and not (OMNIGLOT / "images_background_small1.zip").is_file():
+    real_omniglot = config.endswith("_omniglot") or config.startswith("variable_")
+    if real_omniglot and not (OMNIGLOT / "images_background_small1.zip").is_file():
         pytest.skip(f"real Omniglot zips not found in {OMNIGLOT}")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -84,10 +84,8 @@ def test_the_evaluation_check_holds_when_adapt_rounds_near_ties_the_other_way():
 
 
 def test_the_evaluation_check_catches_a_test_accuracy_computed_from_wrong_logits(monkeypatch):
-    from lightning_meta.learners import episode_log
-
-    right = episode_log.episode_accuracy  # every MAML query is decided here (top-2 gaps over 0.1): no CPU can flip it
-    monkeypatch.setattr(episode_log, "episode_accuracy", lambda logits, y: right(logits.roll(1, -1), y))
+    right = Episode.task_accuracies  # every MAML query is decided here (top-2 gaps over 0.1): no CPU can flip it
+    monkeypatch.setattr(Episode, "task_accuracies", lambda batch, logits: right(batch, logits.roll(1, -1)))
     with pytest.raises(AssertionError, match="test/acc is not the evaluation's"):
         check_test_and_predict_give_what_adapt_gives("maml")
 

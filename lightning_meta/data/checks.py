@@ -115,6 +115,45 @@ def check_episode(batch: Episode) -> int:
     return 1 if sy.is_floating_point() else _check_labels(sy, qy)
 
 
+def check_ragged(batch) -> int:
+    """:func:`check_episode` for a :class:`~lightning_meta.data.RaggedEpisode`: sizes, dtypes, each task's labels
+    ``0..N_i-1`` with every class in its support set, finite inputs; returns the most ways of a task."""
+    for name, t in zip(("support_x", "support_y", "query_x", "query_y"), batch.tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"RaggedEpisode.{name} must be a tensor, but got {type(t).__name__}.")
+    sx, sy, qx, qy = batch.tensors
+    if sy.dim() != 1 or qy.dim() != 1 or sy.is_floating_point() or qy.is_floating_point():
+        raise ValueError(f"A RaggedEpisode holds classification tasks: support_y [sum S_i] and query_y [sum M_i] "
+                         f"integer labels, but got {tuple(sy.shape)} {sy.dtype} and {tuple(qy.shape)} {qy.dtype}.")
+    for name, x, y, sizes in (("support", sx, sy, batch.support_sizes), ("query", qx, qy, batch.query_sizes)):
+        if len(x) != len(y) or len(y) != sum(sizes):
+            raise ValueError(f"RaggedEpisode {name} rows disagree: {name}_x has {len(x)} rows, {name}_y {len(y)}, and "
+                             f"the {name}_sizes {list(sizes)} sum to {sum(sizes)}.")
+    if sx.shape[1:] != qx.shape[1:]:
+        raise ValueError(f"Support and query inputs differ in shape: {tuple(sx.shape[1:])} vs {tuple(qx.shape[1:])}.")
+    _check_finite(Episode(sx, sy, qx, qy))
+    ways = torch.tensor(batch.ways, device=sy.device)
+    s_ways, q_ways = ways[batch.task_index("support")], ways[batch.task_index("query")]
+    bad_s = (sy < 0) | (sy >= s_ways)
+    bad_q = (qy < 0) | (qy >= q_ways)
+    if bool(bad_s.any() | bad_q.any()):
+        part, bad, tasks = ("support", bad_s, batch.task_index("support")) if bool(bad_s.any()) else (
+            "query", bad_q, batch.task_index("query"))
+        row = int(bad.nonzero()[0])
+        task = int(tasks[row])
+        label = int((sy if part == "support" else qy)[row])
+        raise ValueError(f"Task {task} of the ragged meta-batch has {batch.ways[task]} ways, but a {part} label is "
+                         f"{label}: each task's labels must be 0..{batch.ways[task] - 1}.")
+    starts = torch.cumsum(ways, 0) - ways
+    counts = torch.bincount(starts[batch.task_index("support")] + sy, minlength=int(ways.sum()))
+    if bool((counts == 0).any()):
+        missing = int((counts == 0).nonzero()[0])
+        task = int(torch.searchsorted(starts, torch.tensor(missing, device=starts.device), right=True)) - 1
+        raise ValueError(f"Task {task} of the ragged meta-batch has {batch.ways[task]} ways, but class "
+                         f"{missing - int(starts[task])} has no support example: every class needs one.")
+    return batch.num_ways
+
+
 def task_as_episode(support_x: Any, support_y: Any, convert: Callable[[Any], Tensor] = torch.as_tensor) -> Episode:
     """One task's support set (no meta-batch dimension), converted (``convert``: the learner's ``as_inputs``;
     :func:`as_targets`), checked and returned as a meta-batch of one (its query part: the first support example).

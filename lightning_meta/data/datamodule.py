@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, Optional, Union
@@ -9,6 +10,7 @@ from typing import Any, Optional, Union
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from typing_extensions import override
@@ -16,12 +18,16 @@ from typing_extensions import override
 from lightning_meta import trainer_view
 from lightning_meta._checks import check_int
 from lightning_meta.data.episode import Episode, LabelledBatch
+from lightning_meta.data.multisource import ConcatClasses, MultiSourceSampler, check_same_inputs
+from lightning_meta.data.ragged import RaggedEpisode
 from lightning_meta.data.sampler import ClassBatchSampler
-from lightning_meta.data.sources import as_source, as_sources, make_sampler, source_kind
+from lightning_meta.data.sources import as_source, as_sources, fixed_shot, is_variable, make_sampler, source_kind
 from lightning_meta.data.tasks import TaskDistribution
+from lightning_meta.data.variable import Shot, VariableEpisodes
 
 Source = Union[Dataset, TaskDistribution]
 EvalSources = Union[Source, dict[str, Source]]
+TrainSources = Union[Source, list[Source], dict[str, Source]]
 
 
 class _EpisodeStream(IterableDataset):
@@ -62,6 +68,10 @@ class _EpisodeStream(IterableDataset):
                 if isinstance(batch, LabelledBatch):  # pretraining: the batch's images as one task's
                     yield LabelledBatch(self.transform(batch.x.unsqueeze(0), g).squeeze(0), batch.y)
                     continue
+                if isinstance(batch, RaggedEpisode):  # concatenated tasks: all supports, then all queries, as one
+                    yield batch.replace(self.transform(batch.support_x[None], g)[0], batch.support_y,
+                                        self.transform(batch.query_x[None], g)[0], batch.query_y)
+                    continue
                 batch = Episode(self.transform(batch.support_x, g), batch.support_y,
                                 self.transform(batch.query_x, g), batch.query_y)
             yield batch
@@ -100,13 +110,21 @@ class EpisodicDataModule(L.LightningDataModule):
             ``trainer.validate``/``trainer.test``, logged as ``test/cub/acc``, ``test/cub/acc_ci95``, ... in its
             own loader's results, beside ``test/acc``, ``test/loss``, ``test/acc_ci95``: the mean over the sets and
             its interval (:mod:`~lightning_meta.learners.episode_log`), which ``monitor="val/acc"`` reads; every set
-            draws its episodes as it would alone.
-        n_way, n_shot, n_query: evaluation episodes are N-way K-shot with Q queries per class.
+            draws its episodes as it would alone. ``train`` may also be several labelled datasets, a list
+            (``train=[omniglot, glyphs]``) or a dict (``train={"omniglot": omniglot, "glyphs": glyphs}``): each episode
+            draws one source uniformly (the first draw of its own generator), then all its classes from that source,
+            so an episode never mixes sources. Their inputs must have one shape and dtype. Pretraining reads them all,
+            their classes numbered one source after another (source 0's ``0..C0-1``, source 1's ``C0..C0+C1-1``...).
+        n_way, n_shot, n_query: evaluation episodes are N-way K-shot with Q queries per class. With
+            ``variable_episodes``, ``None`` draws that quantity per episode by Meta-Dataset's rule (and ``n_shot``
+            may be a pair ``(lo, hi)``: every class of an episode gets one number of shots drawn uniformly from it),
+            while a number fixes it, as the reference's ``num_ways``/``num_support``/``num_query`` do.
         meta_batch_size: tasks per optimizer step on each rank (the global meta-batch is this times world size).
         train_episodes: training episodes per epoch, over all ranks together.
         val_episodes, test_episodes: the fixed evaluation episodes.
         train_way, train_shot, train_query: training overrides (default to the evaluation values), e.g. 60-way
-            training for 5-way tests as in the Prototypical Networks paper.
+            training for 5-way tests as in the Prototypical Networks paper; ``"variable"`` draws that quantity by the
+            rules of ``variable_episodes`` in training only (Meta-Dataset-style training, fixed 5-way 1-shot tests).
         seed: fixes every episode. Training episodes are a pure function of (seed, epoch, position); validation and
             test episodes are the same on every run, epoch, rank count and worker count.
         num_workers: DataLoader workers (episodes do not depend on it).
@@ -114,6 +132,21 @@ class EpisodicDataModule(L.LightningDataModule):
         train_transform: augmentation of training inputs, ``(x [B, n, ...], generator) -> x`` (e.g.
             :class:`~lightning_meta.data.RandomShift`), drawn from a generator that is a pure function of (seed, epoch,
             position), so augmented runs are reproducible and resume exactly. Evaluation episodes are never augmented.
+        variable_episodes: Meta-Dataset's variable-way, variable-shot episodes (Triantafillou et al., ICLR 2020):
+            the rules' constants (:class:`~lightning_meta.data.VariableEpisodes`, or a dict of its fields) for the
+            quantities given as ``None`` (or a shot range). Training, validation and test streams all follow them
+            (``train_way``/``train_shot``/``train_query`` numbers still fix training's); episodes stay a pure function
+            of (seed, stream, epoch, position). A stream whose episodes can differ in shape yields
+            :class:`~lightning_meta.data.RaggedEpisode` meta-batches (tasks concatenated, with their sizes); one whose
+            quantities are all numbers yields :class:`~lightning_meta.data.Episode` s as without it. Needs labelled
+            datasets (classification).
+        hierarchy: with variable ways, a source that groups its classes draws each episode's classes within one
+            group (Meta-Dataset's one alphabet per Omniglot episode) or one node of its class graph (ImageNet's
+            WordNet). The protocol: a ``class_groups`` attribute, one group name per class in the order of the
+            dataset's sorted class labels (:class:`~lightning_meta.data.Omniglot` gives its alphabets), or a
+            ``class_dag`` mapping each node to its children, whose leaves are the dataset's ``class_names``
+            (:func:`~lightning_meta.data.sampler.class_hierarchy`). ``False`` draws flat; a fixed ``n_way`` always
+            draws flat.
         pretrain_batch_size: for supervised pretraining (:class:`~lightning_meta.Pretrainer`): training yields
             :class:`~lightning_meta.data.LabelledBatch` es of this many examples of the training dataset with its
             classes numbered ``0..C-1`` (``pretrain_classes`` is C), each epoch one shuffled pass over the dataset
@@ -133,29 +166,39 @@ class EpisodicDataModule(L.LightningDataModule):
         >>> batch = next(iter(dm.train_dataloader()))
         >>> batch.support_x.shape, batch.query_y.shape
         (torch.Size([4, 5, 8]), torch.Size([4, 15]))
+
+    Variable episodes (here from 3 to 6 ways, the shots and queries by the rule) arrive as ragged meta-batches:
+        >>> from lightning_meta.data import VariableEpisodes
+        >>> dm = EpisodicDataModule(train=ds, n_way=None, n_shot=None, n_query=None, meta_batch_size=2,
+        ...                         train_episodes=40, variable_episodes=VariableEpisodes(min_way=3, max_way=6))
+        >>> batch = next(iter(dm.train_dataloader()))
+        >>> type(batch).__name__, batch.ways, batch.query_sizes, batch.support_x.shape[1:]
+        ('RaggedEpisode', (3, 5), (15, 25), torch.Size([8]))
     """
 
     def __init__(
         self,
-        train: Optional[Source] = None,
+        train: Optional[TrainSources] = None,
         val: Optional[EvalSources] = None,
         test: Optional[EvalSources] = None,
-        n_way: int = 5,
-        n_shot: int = 1,
-        n_query: int = 15,
+        n_way: Optional[int] = 5,
+        n_shot: Shot = 1,
+        n_query: Optional[int] = 15,
         meta_batch_size: int = 1,
         train_episodes: int = 1000,
         val_episodes: int = 100,
         test_episodes: int = 600,
-        train_way: Optional[int] = None,
-        train_shot: Optional[int] = None,
-        train_query: Optional[int] = None,
+        train_way: Union[int, str, None] = None,
+        train_shot: Union[Shot, str] = None,
+        train_query: Union[int, str, None] = None,
         seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool = False,
         eval_meta_batch_size: Optional[int] = None,
         train_transform: Optional[Callable] = None,
         pretrain_batch_size: Optional[int] = None,
+        variable_episodes: Union[VariableEpisodes, dict[str, Any], None] = None,
+        hierarchy: bool = True,
     ) -> None:
         super().__init__()
         if train_transform is not None and not callable(train_transform):
@@ -163,27 +206,46 @@ class EpisodicDataModule(L.LightningDataModule):
                             f"{type(train_transform).__name__}.")
         self.train_transform = train_transform
         for name, minimum in (
-            ("n_way", 1), ("n_shot", 1), ("n_query", 1), ("meta_batch_size", 1), ("train_episodes", 1),
-            ("val_episodes", 1), ("test_episodes", 1), ("seed", 0), ("num_workers", 0),
+            ("meta_batch_size", 1), ("train_episodes", 1), ("val_episodes", 1), ("test_episodes", 1), ("seed", 0),
+            ("num_workers", 0),
         ):  # fmt: skip
             check_int(name, locals()[name], minimum)
-        for name in ("train_way", "train_shot", "train_query", "eval_meta_batch_size", "pretrain_batch_size"):
+        for name in ("eval_meta_batch_size", "pretrain_batch_size"):
             if locals()[name] is not None:
                 check_int(name, locals()[name], 1)
+        self.variable_episodes = rules = _rules(variable_episodes)
+        if not isinstance(hierarchy, bool):
+            raise TypeError(f"Expected `hierarchy` to be True or False, but got {hierarchy!r}.")
+        given = {"train_way": train_way, "train_shot": train_shot, "train_query": train_query}
+        for name, choice in given.items():
+            if isinstance(choice, str) and choice != VARIABLE:
+                raise ValueError(f"Expected `{name}` to be a number, None (as the evaluation episodes) or "
+                                 f"\"{VARIABLE}\" (drawn by the rule in training only), but got {choice!r}.")
+        quantities: dict[str, Any] = {"n_way": n_way, "n_shot": n_shot, "n_query": n_query, **given}
+        for name, quantity in quantities.items():
+            if not name.startswith("train_") or quantity is not None:
+                _check_quantity(name, None if quantity == VARIABLE else quantity, rules)
         if train is None and val is None and test is None:
             raise ValueError("EpisodicDataModule needs at least one of `train`, `val` or `test`; all three are None.")
-        train, val, test = as_source(train), as_sources(val), as_sources(test)
+        train, val, test = _as_train(train), as_sources(val), as_sources(test)
         for name, value in (("val", val), ("test", test)):
+            if isinstance(value, list):
+                raise TypeError(f"`{name}` is a list: several {name} sets are a dict of named sets, each its own stream "
+                                f"(`{name}={{'cub': cub, 'omniglot': omniglot}}`).")
             if isinstance(value, dict) and (not value or not all(isinstance(k, str) and k for k in value)):
                 raise ValueError(f"Expected `{name}` as a dict to map set names (non-empty strings) to datasets, but got "
                                  f"the keys {list(value)}.")
         self.train, self.val, self.test = train, val, test
         self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
-        self.train_way = train_way or n_way
-        self.train_shot = train_shot or n_shot
-        self.train_query = train_query or n_query
-        self.meta_batch_size = meta_batch_size
+        # "variable": drawn by the rule in training (None); None: as the evaluation episodes
+        self.train_way: Optional[int] = None if train_way == VARIABLE else n_way if train_way is None else int(train_way)
+        self.train_shot: Shot = None if train_shot == VARIABLE else n_shot if train_shot is None else train_shot  # type: ignore[assignment]
+        self.train_query: Optional[int] = (None if train_query == VARIABLE else n_query if train_query is None
+                                           else int(train_query))
+        self.hierarchy = hierarchy
         self.pretrain_batch_size = pretrain_batch_size
+        self._check_variable_sources()
+        self.meta_batch_size = meta_batch_size
         self.eval_meta_batch_size = eval_meta_batch_size or meta_batch_size
         self.episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
@@ -192,18 +254,58 @@ class EpisodicDataModule(L.LightningDataModule):
         self._iterations = 0  # epochs counted without a trainer
         # the transform object is not saved: checkpoints hold plain data only, so they load with torch's default
         # weights_only=True whatever callable was passed (a RandomShift, a lambda)
-        self.save_hyperparameters(ignore=["train", "val", "test", "train_transform"])
+        # (the VariableEpisodes as a dict: plain data too)
+        self.save_hyperparameters(ignore=["train", "val", "test", "train_transform", "variable_episodes"])
+        self.hparams["variable_episodes"] = dataclasses.asdict(rules) if rules is not None else None
+        for name in ("n_shot", "train_shot"):  # a shot range as a list, as YAML writes it
+            if isinstance(self.hparams[name], tuple):
+                self.hparams[name] = list(self.hparams[name])
 
     # ---------------------------------------------------------------- setup and checks
-    def sets(self, stage: str) -> dict[str, Source]:
+    def sets(self, stage: str) -> dict[str, Any]:
         """The sources of ``"train"``, ``"val"`` or ``"test"`` by stream: ``{"val": ds}`` for one set, ``{"val/cub": cub,
-        ...}`` for named sets, ``{}`` for none."""
+        ...}`` for named sets, ``{}`` for none; ``{"train": [ds1, ds2]}`` (or the dict) for several training sources,
+        one stream."""
         value = {"train": self.train, "val": self.val, "test": self.test}[stage]
         if value is None:
             return {}
-        if isinstance(value, dict):
+        if isinstance(value, dict) and stage != "train":
             return {f"{stage}/{name}": source for name, source in value.items()}
         return {stage: value}
+
+    def sources(self, stage: str) -> dict[str, Source]:
+        """Every dataset of a stage by the name errors give it: :meth:`sets`, with several training sources apart
+        (``{"train[0]": ds1, "train[1]": ds2}`` for a list, ``{"train/omniglot": ..., "train/glyphs": ...}`` for a
+        dict)."""
+        if stage == "train" and isinstance(self.train, list):
+            return {f"train[{i}]": source for i, source in enumerate(self.train)}
+        if stage == "train" and isinstance(self.train, dict):
+            return {f"train/{name}": source for name, source in self.train.items()}
+        return self.sets(stage)
+
+    def _settings(self, stage: str) -> tuple[Optional[int], Shot, Optional[int]]:
+        """``(way, shot, query)`` of a stage's episodes (``None``: drawn by the rule)."""
+        if stage == "train":
+            return self.train_way, self.train_shot, self.train_query
+        return self.n_way, self.n_shot, self.n_query
+
+    def _check_variable_sources(self) -> None:
+        """Variable episodes are classification episodes: refused for task distributions, at construction."""
+        stages = [s for s in STAGES if s != "train" or not self.pretrain_batch_size]
+        variable = [s for s in stages if is_variable(*self._settings(s))]
+        if self.variable_episodes is not None and not variable:
+            rank_zero_warn("`variable_episodes` has no effect: `n_way`, `n_shot` and `n_query` (and the `train_*` "
+                           "overrides) are all numbers, so every episode is N-way K-shot. Pass `None` for the "
+                           "quantities its rules should draw (e.g. `n_way=None, n_shot=None, n_query=None`).")
+        for stage in variable:
+            for name, source in self.sources(stage).items():
+                kind = source_kind(source)
+                if kind != "classes":
+                    prefix = "train_" if stage == "train" else "n_"
+                    raise ValueError(
+                        f"Variable episodes (`{prefix}way`, `{prefix}shot` or `{prefix}query` None, or a shot range) "
+                        f"draw classes from labelled datasets, but `{name}` is {KIND_WORDS[kind]} ({_name(source)}): "
+                        f"give `{prefix}way`, `{prefix}shot` and `{prefix}query` numbers for it.")
 
     @override
     def setup(self, stage: Optional[str] = None) -> None:
@@ -215,27 +317,45 @@ class EpisodicDataModule(L.LightningDataModule):
             raise ValueError(f"`trainer.{stage}` needs {names[0]} episodes, but `EpisodicDataModule({names[0]}=None)`.")
         self._check_disjoint()
         for stage_name in names:
+            way, shot, query = self._settings(stage_name)
+            if stage_name == "train" and isinstance(self.train, (list, dict)) and "train" not in self.samplers:
+                self.samplers["train"] = self._several_sources(way, shot, query)
+                continue
             for stream, source in self.sets(stage_name).items():
                 if stream in self.samplers:
                     continue
-                way, shot, query = (
-                    (self.train_way, self.train_shot, self.train_query) if stage_name == "train" else
-                    (self.n_way, self.n_shot, self.n_query)
-                )  # fmt: skip
                 self._check_source(stream, source, way)
                 described = f"{stream} dataset ({_name(source)})"
                 if stage_name == "train" and self.pretrain_batch_size:
                     self.samplers[stream] = ClassBatchSampler(source, self.seed, described)
                     self._check_pretrain_batches()
                     continue
-                self.samplers[stream] = make_sampler(source, way, shot, query, self.seed, described)
+                self.samplers[stream] = make_sampler(source, way, shot, query, self.seed, described,
+                                                     self.variable_episodes, self.hierarchy)
                 if stage_name != "train":
                     self._check_eval_batches(stream)
+
+    def _several_sources(self, way, shot, query):
+        """The training sampler over several sources: one source per episode, or, when pretraining, all of them as
+        one labelled dataset with their classes numbered one source after another."""
+        parts = {name.removeprefix("train/"): source for name, source in self.sources("train").items()}
+        for name, source in parts.items():
+            self._check_source("train", source, way, name)
+        if self.pretrain_batch_size:
+            check_same_inputs(parts, "training")
+            sampler = ClassBatchSampler(ConcatClasses(list(parts.values())), self.seed, "training datasets")
+            self.samplers["train"] = sampler
+            self._check_pretrain_batches()
+            return sampler
+        samplers = [make_sampler(source, way, shot, query, self.seed, f"training source {name!r} ({_name(source)})",
+                                 self.variable_episodes, self.hierarchy) for name, source in parts.items()]
+        check_same_inputs(parts, "training")
+        return MultiSourceSampler(samplers, list(parts), self.seed)
 
     @override
     def prepare_data(self) -> None:
         """Fetch what the datasets need (e.g. ``Omniglot(download=True)``), once, on the first process only."""
-        for source in (source for stage in STAGES for source in self.sets(stage).values()):
+        for source in (source for stage in STAGES for source in self.sources(stage).values()):
             prepare = getattr(source, "prepare_data", None)
             if callable(prepare):
                 prepare()
@@ -244,7 +364,7 @@ class EpisodicDataModule(L.LightningDataModule):
         """One input of the stream (the first item of its first episode or batch, without a batch dimension), as the
         dataset gives it: what a learner runs through its backbone once to learn the width of its embedding."""
         batch = self._sampler(stream).batch(_stage(stream), 0, [0])
-        x = batch.x if isinstance(batch, LabelledBatch) else batch.support_x[0]
+        x = batch.x if isinstance(batch, LabelledBatch) else batch.task(0).support_x  # [n, ...]
         return x[0]
 
     def _check_eval_batches(self, stream: str) -> None:
@@ -258,10 +378,11 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"or lower `eval_meta_batch_size` to {max(self.episodes[name] // world, 1)}."
             )
 
-    def _check_source(self, name: str, source, way: int) -> None:
+    def _check_source(self, name: str, source, way: Optional[int], label: Optional[str] = None) -> None:
+        """Checks of one source of stream ``name`` (``label``: its own name among several training sources)."""
         if not (callable(getattr(source, "sample", None)) or hasattr(source, "__getitem__")):
             raise TypeError(
-                f"`{name}` must be a map-style dataset of (x, label) items or a task distribution with "
+                f"`{label or name}` must be a map-style dataset of (x, label) items or a task distribution with "
                 f"`sample(rng, n_support, n_query)`, but got {type(source).__name__}."
             )
         if name == "train" and self.pretrain_batch_size:
@@ -271,7 +392,7 @@ class EpisodicDataModule(L.LightningDataModule):
                     f"{source_kind(source)} source ({_name(source)}): pretraining needs a labelled map-style dataset."
                 )
             return
-        if source_kind(source) == "classes" and way < 2:
+        if source_kind(source) == "classes" and way is not None and way < 2:
             arg = "train_way" if name == "train" and self.hparams["train_way"] else "n_way"
             raise ValueError(
                 f"Expected `{arg}` to be an integer >= 2 for the "
@@ -302,7 +423,7 @@ class EpisodicDataModule(L.LightningDataModule):
         """Training, validation and test classes must be disjoint (named sets of one stage may share classes). A
         class is identified by its name, where the source has names (``class_names``: folder names, ``ClassLabel``
         names, string labels); integer labels alone are not names, so splits numbered from 0 share nothing."""
-        streams = {k: v for stage in STAGES for k, v in self.sets(stage).items()}
+        streams = {k: v for stage in STAGES for k, v in self.sources(stage).items()}  # every training source too
         keys = list(streams)
         names = {k: getattr(v, "class_names", None) for k, v in streams.items()}
         named = {k: set(v) for k, v in names.items() if v is not None}
@@ -420,14 +541,23 @@ class EpisodicDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The sampler position: which epoch, and how many of its training episodes were consumed."""
         trainer = self._trainer_or_none()
+        drawn = self._drawing()
         if trainer is None:
-            return {"seed": self.seed, "epoch": self._iterations, "episodes_done": 0}
+            return {"seed": self.seed, "epoch": self._iterations, "episodes_done": 0, **drawn}
         steps_done = trainer_view.batches_started(trainer)
         return {
             "seed": self.seed,
             "epoch": trainer.current_epoch,
             "episodes_done": steps_done * self.train_episodes_per_step,
+            **drawn,
         }
+
+    def _drawing(self) -> dict[str, Any]:
+        """What the training episodes are drawn by besides the seed: the variable rules and the training sources (by
+        name, in order), so that a resume with other ones is refused instead of drawing other episodes."""
+        rules = self.variable_episodes
+        return {"variable_episodes": dataclasses.asdict(rules) if rules is not None else None,
+                "train_sources": list(self.sources("train"))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("seed", self.seed) != self.seed:
@@ -435,15 +565,106 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"The checkpoint was trained with EpisodicDataModule(seed={state_dict['seed']}) but this data module "
                 f"has seed={self.seed}: resuming would draw different episodes. Use seed={state_dict['seed']}."
             )
+        for key, now in self._drawing().items():  # checkpoints written before these were recorded have neither
+            if key in state_dict and state_dict[key] != now:
+                raise ValueError(
+                    f"The checkpoint's training episodes were drawn with {key}={state_dict[key]} but this data module "
+                    f"has {key}={now}: resuming would draw other episodes than the run it continues. Resume with the "
+                    f"same {key.replace('_', ' ')} (or start a new run without ckpt_path).")
         self._resume = {"epoch": int(state_dict["epoch"]), "episodes_done": int(state_dict["episodes_done"])}
         self._iterations = int(state_dict["epoch"])
 
     def __repr__(self) -> str:
+        rules = self.variable_episodes
+        variable = rules is not None and any(is_variable(*self._settings(s)) for s in STAGES)
         return (
-            f"EpisodicDataModule({self.n_way}-way {self.n_shot}-shot {self.n_query}-query, train "
-            f"{self.train_way}-way {self.train_shot}-shot, meta_batch_size={self.meta_batch_size}, seed={self.seed}"
+            f"EpisodicDataModule({_episodes(self.n_way, self.n_shot, self.n_query)}, train "
+            f"{_episodes(self.train_way, self.train_shot, self.train_query)}, meta_batch_size={self.meta_batch_size}, "
+            f"seed={self.seed}"
+            + (f", variable episodes {rules}" + ("" if self.hierarchy else ", hierarchy=False") if variable else "")
+            + (f", train sources {[k.split('/', 1)[-1] for k in self.sources('train')]}"
+               if isinstance(self.train, (list, dict)) else "")
             + (f", pretrain_batch_size={self.pretrain_batch_size})" if self.pretrain_batch_size else ")")
         )
+
+
+def _episodes(way, shot, query) -> str:
+    """``"5-way 1-shot 15-query"``; ``variable-way``, ``1..5-shot`` for what is drawn."""
+    shot = fixed_shot(shot) if fixed_shot(shot) is not None else shot
+    shots = f"{shot[0]}..{shot[1]}" if isinstance(shot, (tuple, list)) else shot
+    return " ".join(f"{'variable' if v is None else v}-{unit}" for v, unit in ((way, "way"), (shots, "shot"),
+                                                                            (query, "query")))
+
+
+def _rules(value) -> Optional[VariableEpisodes]:
+    """``variable_episodes`` as :class:`VariableEpisodes` (a dict of its fields: how checkpoints and YAML hold it)."""
+    if value is None or isinstance(value, VariableEpisodes):
+        return value
+    if isinstance(value, dict):
+        fields = [f.name for f in dataclasses.fields(VariableEpisodes)]
+        unknown = [k for k in value if k not in fields]
+        if unknown:
+            raise TypeError(f"`variable_episodes` has the key(s) {unknown}, which VariableEpisodes does not take; its "
+                            f"fields are {fields}.")
+        return VariableEpisodes(**value)
+    raise TypeError(f"Expected `variable_episodes` to be a VariableEpisodes (or a dict of its fields), but got "
+                    f"{type(value).__name__}.")
+
+
+def _check_quantity(name: str, value, rules: Optional[VariableEpisodes]) -> None:
+    """``n_way``/``n_shot``/``n_query`` (or a ``train_*`` override): a number, or with ``variable_episodes`` ``None``
+    (drawn by the rule) and, for shots, a pair ``(lo, hi)``."""
+    shot = name.endswith("shot")
+    if shot and isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"Expected `{name}` to be an integer, a pair (lo, hi) or None, but got {value!r}.")
+        check_int(f"{name}[0]", value[0], 1)
+        check_int(f"{name}[1]", value[1], value[0])
+        if value[0] == value[1] or rules is not None:
+            return
+    elif value is not None:
+        check_int(name, value, 1)
+        return
+    if rules is None:
+        what = (f"`{name}=None` draws the {QUANTITIES[name.split('_')[-1]]} of each episode by Meta-Dataset's rule"
+                if value is None else f"`{name}={tuple(value)}` draws the shots of each episode from a range")
+        raise ValueError(f"{what}, which needs `variable_episodes`: pass `variable_episodes=VariableEpisodes()` (the "
+                         f"reference's constants) or give `{name}` a number.")
+
+
+VARIABLE = "variable"  # a train_* override drawn by the rule while evaluation episodes stay fixed
+QUANTITIES = {"way": "ways", "shot": "shots", "query": "queries"}
+KIND_WORDS = {"tasks": "a task distribution", "learn2learn": "a learn2learn task dataset", "classes": "a dataset"}
+_NOT_DATASETS = (str, bytes, list, tuple, dict, int, float, Tensor)
+
+
+def _as_train(train):
+    """``train`` as one source, or several as a list or a dict of named sources, each checked to be a labelled
+    dataset."""
+    if isinstance(train, (list, tuple)) or (isinstance(train, dict) and type(train) is dict):
+        if not train:
+            raise ValueError(f"`train` is an empty {type(train).__name__}: give a labelled dataset, several (a list or a "
+                             "dict of named datasets), or None for a run that only evaluates.")
+        if isinstance(train, dict):
+            bad = [k for k in train if not isinstance(k, str) or not k or "/" in k]
+            if bad:
+                raise ValueError(f"Expected `train` as a dict to map source names (non-empty strings without '/') to "
+                                 f"datasets, but got the keys {list(train)}.")
+            parts = {f"train/{k}": as_source(v) for k, v in train.items()}
+        else:
+            parts = {f"train[{i}]": as_source(v) for i, v in enumerate(train)}
+        for name, source in parts.items():
+            if source_kind(source) != "classes":
+                raise TypeError(f"`{name}` is {KIND_WORDS[source_kind(source)]} ({_name(source)}): several training "
+                                "sources must be labelled datasets (one source per episode, its classes drawn); give "
+                                "a task distribution on its own.")
+            if isinstance(source, _NOT_DATASETS) or not hasattr(source, "__getitem__") or not hasattr(source, "__len__"):
+                raise TypeError(f"`{name}` must be a labelled map-style dataset of (x, label) items, but got "
+                                f"{type(source).__name__}: each of several training sources is a dataset whose classes "
+                                "its episodes draw.")
+        values = list(parts.values())
+        return dict(zip(train, values)) if isinstance(train, dict) else values
+    return as_source(train)
 
 
 def _name(source) -> str:
@@ -451,8 +672,8 @@ def _name(source) -> str:
 
 
 def _stage(stream: str) -> str:
-    """``"test"`` for ``"test/cub"``: the stage a stream belongs to."""
-    return stream.split("/", 1)[0]
+    """``"test"`` for ``"test/cub"`` (and ``"train"`` for ``"train[1]"``): the stage a stream or source belongs to."""
+    return stream.split("/", 1)[0].split("[", 1)[0]
 
 
 STAGES = ("train", "val", "test")

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_meta.functional.episode import episode_accuracy, per_task_loss, target_ndim
+
 
 class Episode(NamedTuple):
     """A few-shot task, or a meta-batch of them.
@@ -58,6 +60,19 @@ class Episode(NamedTuple):
     def to(self, *args, **kwargs) -> Episode:
         """Move every field, like :meth:`torch.Tensor.to`."""
         return Episode(*(t.to(*args, **kwargs) for t in self))
+
+    def task_losses(self, outputs: Tensor) -> Tensor:
+        """``[B]``: each task's mean query loss (cross-entropy, or MSE for regression) from outputs ``[B, M, ...]``;
+        what :class:`~lightning_meta.data.RaggedEpisode` computes for tasks of different shapes."""
+        return per_task_loss(outputs, self.query_y, target_ndim(self.query_y, 1))
+
+    def task_accuracies(self, outputs: Tensor) -> Tensor:
+        """``[B]``: each task's query accuracy from logits ``[B, M, N]``."""
+        return episode_accuracy(outputs, self.query_y)
+
+    def task_finite(self, outputs: Tensor) -> Tensor:
+        """``[B]``: whether every output of the task is finite (a diverged task has NaN)."""
+        return torch.isfinite(outputs.detach().flatten(1).float()).all(1)
 
 
 class LabelledBatch(NamedTuple):

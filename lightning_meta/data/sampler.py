@@ -9,14 +9,17 @@ therefore exactly what one process with ``B*W`` tasks draws at that step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_meta.data.episode import Episode, LabelledBatch
+from lightning_meta.data.ragged import RaggedEpisode
 from lightning_meta.data.streams import episode_rng
+from lightning_meta.data.variable import Shot, VariableEpisodePlanner, VariableEpisodes
 
 
 def labels_of(dataset) -> Tensor:
@@ -94,6 +97,24 @@ def check_item_shapes(dataset, labels: Tensor, limit: int = 5000) -> None:
         raise ValueError(_shape_error(dataset, shapes))
 
 
+def class_table(labels: Tensor) -> tuple[Tensor, np.ndarray, np.ndarray]:
+    """A labelled dataset's classes: ``classes [C]`` (its labels in sorted order), ``counts [C]`` (items per class) and
+    the index table ``[C, max count]`` whose row ``c`` lists the items of class ``c`` in dataset order, padded with -1.
+
+    Example:
+        >>> classes, counts, table = class_table(torch.tensor([7, 3, 7, 7]))
+        >>> classes.tolist(), counts.tolist(), table.tolist()
+        ([3, 7], [1, 3], [[1, -1, -1], [0, 2, 3]])
+    """
+    classes, counts = torch.unique(labels, return_counts=True)
+    order = torch.argsort(labels, stable=True).numpy()
+    sizes = counts.numpy()
+    table = np.full((len(classes), int(sizes.max()) if len(sizes) else 0), -1, dtype=np.int64)
+    row = np.repeat(np.arange(len(sizes)), sizes)  # [n] class row of each item in label order
+    table[row, np.arange(len(order)) - np.repeat(np.cumsum(sizes) - sizes, sizes)] = order
+    return classes, sizes, table
+
+
 class ClassEpisodeSampler:
     """Draws N-way K-shot Q-query classification episodes from a labelled dataset.
 
@@ -115,16 +136,8 @@ class ClassEpisodeSampler:
         self.n_way, self.n_shot, self.n_query, self.seed = n_way, n_shot, n_query, seed
         labels = labels_of(dataset)
         check_item_shapes(dataset, labels)
-        classes, counts = torch.unique(labels, return_counts=True)
-        self.classes = classes
-        # index table [C, max_count]: row c lists the items of class c, padded with -1
-        order = torch.argsort(labels, stable=True)
-        self.counts = counts.numpy()
-        self.table = np.full((len(classes), int(counts.max()) if len(counts) else 0), -1, dtype=np.int64)
-        start = 0
-        for row, count in enumerate(self.counts.tolist()):
-            self.table[row, :count] = order[start : start + count].numpy()
-            start += count
+        self.classes, self.counts, self.table = class_table(labels)
+        classes = self.classes
         need = n_shot + n_query
         if len(classes) < n_way:
             raise ValueError(
@@ -169,14 +182,126 @@ class ClassEpisodeSampler:
 
     def batch(self, stream: str, epoch: int, indices: Sequence[int]) -> Episode:
         """The meta-batch of the episodes at ``indices``, with one gather for all of its items."""
-        picks = self.picks([episode_rng(self.seed, stream, epoch, i) for i in indices])
-        b, k = len(indices), self.n_shot
+        return self.draw([episode_rng(self.seed, stream, epoch, i) for i in indices])
+
+    def draw(self, rngs: Sequence[np.random.Generator]) -> Episode:
+        """The meta-batch of one episode per generator (what :meth:`batch` draws; several sources share them)."""
+        picks = self.picks(rngs)
+        b, k = len(rngs), self.n_shot
         flat = torch.from_numpy(np.concatenate([picks[..., :k].reshape(-1), picks[..., k:].reshape(-1)]))
         x = gather(self.dataset, flat)
         n_s = self.n_way * k
         support_x = x[: b * n_s].view(b, n_s, *x.shape[1:])
         query_x = x[b * n_s :].view(b, -1, *x.shape[1:])
         return Episode(support_x, self._support_y.expand(b, -1), query_x, self._query_y.expand(b, -1))
+
+
+def class_hierarchy(dataset, num_classes: int, name: str) -> tuple[Optional[dict], Optional[Mapping]]:
+    """The hierarchy a labelled dataset exposes, as :class:`~lightning_meta.data.VariableEpisodePlanner` takes it:
+    ``(groups, dag)``, each ``None`` where absent. The protocol (one of the two attributes):
+
+    - ``class_groups``: one group name per class, in the order of the dataset's sorted class labels (the order of its
+      ``class_names``), e.g. Omniglot's alphabet of each character; returned as ``{group: [class index, ...]}`` in
+      order of first appearance;
+    - ``class_dag``: a mapping from each node to its children, whose leaves are the classes, named as in the dataset's
+      ``class_names`` (class indices without names), e.g. ImageNet's WordNet graph.
+
+    Example:
+        >>> from lightning_meta.data import TensorClassDataset
+        >>> ds = TensorClassDataset(torch.zeros(8, 1), torch.arange(4).repeat(2))
+        >>> ds.class_groups = ["Greek", "Latin", "Greek", "Latin"]
+        >>> class_hierarchy(ds, 4, "dataset")
+        ({'Greek': [0, 2], 'Latin': [1, 3]}, None)
+    """
+    groups, dag = getattr(dataset, "class_groups", None), getattr(dataset, "class_dag", None)
+    if groups is not None and dag is not None:
+        raise ValueError(f"The {name} has both `class_groups` and `class_dag`: a source exposes one hierarchy (groups "
+                         "of classes, or a class graph). Remove one of them.")
+    if dag is not None:
+        if not isinstance(dag, Mapping):
+            raise TypeError(f"Expected `class_dag` of the {name} to be a mapping from each node to its children, but "
+                            f"got {type(dag).__name__}.")
+        return None, dag
+    if groups is None:
+        return None, None
+    groups = list(groups)
+    if len(groups) != num_classes:
+        raise ValueError(f"`class_groups` of the {name} has {len(groups)} entries but the dataset has {num_classes} "
+                         "classes: give one group name per class, in the order of its sorted class labels.")
+    members: dict = {}
+    for c, group in enumerate(groups):
+        members.setdefault(group, []).append(c)
+    return members, None
+
+
+class VariableEpisodeSampler:
+    """Meta-Dataset's variable-way, variable-shot episodes from a labelled dataset (Triantafillou et al., ICLR 2020),
+    as :class:`~lightning_meta.data.RaggedEpisode` meta-batches.
+
+    Each episode is a :class:`~lightning_meta.data.VariableEpisodePlanner` plan drawn from the episode's own generator
+    (so a pure function of ``(seed, stream, epoch, index)``, like :class:`ClassEpisodeSampler`'s); a meta-batch reads
+    all its items with one gather. Task ``i`` of a batch has ``ways[i]`` classes labelled ``0..ways[i]-1`` in the
+    plan's (random) order, its support class by class (``shots[c]`` items each) and ``q`` queries per class.
+
+    Args:
+        dataset: a labelled map-style dataset (``labels``); a ``class_groups`` or ``class_dag`` attribute gives its
+            hierarchy (:func:`class_hierarchy`).
+        rules: the constants (:class:`~lightning_meta.data.VariableEpisodes`).
+        n_way, n_shot, n_query: a number fixes that quantity (``n_shot`` may be a pair ``(lo, hi)``); ``None`` draws it
+            by the rule.
+        hierarchy: with variable ways, draw each episode's classes within one group or DAG node of the dataset's
+            hierarchy where it has one; ``False`` (or a fixed ``n_way``) draws flat.
+
+    Example:
+        >>> from lightning_meta.data import TensorClassDataset, VariableEpisodes
+        >>> ds = TensorClassDataset(torch.arange(200)[:, None], torch.arange(20).repeat_interleave(10))
+        >>> sampler = VariableEpisodeSampler(ds, VariableEpisodes(min_way=3, max_way=6), n_query=2, seed=0)
+        >>> batch = sampler.batch("train", epoch=0, indices=[0, 1])
+        >>> batch.ways, batch.query_sizes, batch.support_x.shape[1:]
+        ((3, 5), (6, 10), torch.Size([1]))
+    """
+
+    def __init__(self, dataset, rules: VariableEpisodes, n_way: Optional[int] = None, n_shot: Shot = None,
+                 n_query: Optional[int] = None, seed: int = 0, name: str = "dataset", hierarchy: bool = True) -> None:
+        self.dataset, self.seed = dataset, seed
+        labels = labels_of(dataset)
+        check_item_shapes(dataset, labels)
+        self.classes, self.counts, self.table = class_table(labels)
+        names = getattr(dataset, "class_names", None)
+        names = list(names) if names is not None and len(names) == len(self.classes) else None
+        groups, dag = class_hierarchy(dataset, len(self.classes), name) if hierarchy and n_way is None else (None, None)
+        if groups is not None:
+            small = [(g, len(m)) for g, m in groups.items() if len(m) < rules.min_way]
+            if small:
+                raise ValueError(
+                    f"The {name}'s `class_groups` has {len(small)} group(s) with fewer classes than `min_way`="
+                    f"{rules.min_way} (e.g. {small[0][0]!r} with {small[0][1]}): an episode draws its classes within "
+                    "one group. Lower `VariableEpisodes(min_way=...)`, give the split whole groups (e.g. Omniglot's "
+                    "`alphabets=`), or draw flat with `EpisodicDataModule(hierarchy=False)`.")
+        self.planner = VariableEpisodePlanner(self.counts, rules, n_way=n_way, n_shot=n_shot, n_query=n_query,
+                                              groups=groups, dag=dag, class_names=names, name=name)
+
+    def batch(self, stream: str, epoch: int, indices: Sequence[int]) -> RaggedEpisode:
+        """The meta-batch of the episodes at ``indices``, with one gather for all of its items."""
+        return self.draw([episode_rng(self.seed, stream, epoch, i) for i in indices])
+
+    def episode(self, stream: str, epoch: int, index: int) -> Episode:
+        return self.batch(stream, epoch, [index]).task(0)
+
+    def draw(self, rngs: Sequence[np.random.Generator]) -> RaggedEpisode:
+        """The meta-batch of one episode per generator: supports of every task, then queries, in one gather."""
+        plans = [self.planner.plan(rng) for rng in rngs]
+        shots = [p.shots for p in plans]
+        queries = [np.full(p.n_way, p.n_query) for p in plans]
+        counts = np.concatenate(shots + queries)  # [sum N_i * 2] items per (task, class), supports then queries
+        classes = np.concatenate([p.classes for p in plans] * 2)
+        positions = np.concatenate([np.asarray(p.support) for p in plans] + [np.asarray(p.query) for p in plans])
+        items = self.table[np.repeat(classes, counts), positions]  # [sum S_i + sum M_i] dataset indices
+        x = gather(self.dataset, torch.from_numpy(items))
+        labels = torch.from_numpy(np.repeat(np.concatenate([np.arange(p.n_way) for p in plans] * 2), counts))
+        n_s = sum(int(k.sum()) for k in shots)
+        return RaggedEpisode(x[:n_s], labels[:n_s], x[n_s:], labels[n_s:], tuple(int(k.sum()) for k in shots),
+                             tuple(p.n_way * p.n_query for p in plans), tuple(p.n_way for p in plans))
 
 
 class ClassBatchSampler:

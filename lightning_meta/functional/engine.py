@@ -11,7 +11,19 @@ queries. It owns the choices that make MAML fast or lean, and nothing else:
   its graph freed, so peak memory is one chunk's graph (:meth:`MetaBatchEngine.run` with ``share``); the summed
   gradients come back as a :class:`Streamed` whose :meth:`Streamed.loss` has exactly that value and those gradients;
 - **precision**: the inner loss scale (float16), the outer scale of streamed gradients (a gradient scaler's), and
-  batch norm in float32 under autocast (:func:`norms_in_float32`).
+  batch norm in float32 under autocast (:func:`norms_in_float32`);
+- **tasks of different shapes** (a ragged meta-batch: variable ways, shots and queries, :meth:`MetaBatchEngine.run_groups`):
+  the tasks of one shape form a :class:`TaskGroup`, stacked ``[G, n, ...]``; each group runs as a fixed meta-batch
+  does (one ``vmap`` per group, or its chunks; on the loop task by task; streamed chunk by chunk within the group;
+  compiled per group shape), so no padded example ever enters the network (batch norm normalises each task with its
+  own support statistics, as for a fixed task). A task of ``N`` classes uses the head's first ``N`` outputs only
+  (:class:`~lightning_meta.functional.inner_loop.Head`: the others are removed, not masked), so its inner loop and
+  query logits ``[M, N]`` are exactly those of that task alone. The outputs come back in task order, ``[B, T, M_max,
+  N_max]`` with ``-inf`` outside each task's own ``[M_i, N_i]`` cells when the shapes differ;
+- **the head's start**: the learned initialization, or Proto-MAML's (Triantafillou et al. 2020): each task's head
+  starts at ``W = 2c``, ``b = -|c|^2`` from the prototypes ``c`` of the head's input features, computed with the
+  body's current parameters (gradients flow through the prototypes into the body, first order too, as in the
+  reference's ``proto_maml_fc_layer_init``).
 
 The engine holds its configuration only, never a module or anything built from one: every call is given the
 module and derives what it needs from it then (:class:`Network`), so a deep copy, a pickle, a layer conversion or a
@@ -28,7 +40,7 @@ import functools
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +49,8 @@ from lightning_meta._checks import check_choice
 from lightning_meta.functional.batched import batched_chain, batched_chain_grads
 from lightning_meta.functional.episode import per_task_loss, target_ndim, unscaled
 from lightning_meta.functional.inner_loop import (
+    HEAD_INITS,
+    Head,
     LearningRates,
     Params,
     descend,
@@ -44,13 +58,14 @@ from lightning_meta.functional.inner_loop import (
     functional_forward,
     inner_adapt,
     inner_adapt_batched,
+    prototype_head,
     scaled_grad,
 )
 
 TASK_PARALLEL = ("auto", "vmap", "loop")
 TRAJECTORIES = ("last", "all", "all_and_initial")
-# share(tasks, outputs [c, T, M, ...]) -> the meta-loss terms of those tasks
-Share = Callable[[slice, Tensor], Tensor]
+# share(tasks, outputs [c, T, M, ...]) -> the meta-loss terms of those tasks (their positions in the meta-batch)
+Share = Callable[[list[int], Tensor], Tensor]
 # compiled(name, fn) -> fn compiled once per name (MetaLearner.compiled)
 Compiled = Callable[[str, Callable], Callable]
 
@@ -58,12 +73,25 @@ Compiled = Callable[[str, Callable], Callable]
 @dataclass
 class Adapted:
     """What a meta-batch's inner loops produced: query ``outputs [B, T, M, ...]`` (T = 1 for the last step, or one
-    per step, see ``trajectory``), support ``losses [B, steps]`` and ``finite [B, steps]`` (each step's loss and the
-    parameters it produced were finite)."""
+    per step, see ``trajectory``; tasks of different shapes: ``[B, T, M_max, N_max]``, ``-inf`` outside each task's
+    own cells), support ``losses [B, steps]`` and ``finite [B, steps]`` (each step's loss and the parameters it
+    produced were finite)."""
 
     outputs: Tensor
     losses: Tensor
     finite: Tensor
+
+
+@dataclass
+class TaskGroup:
+    """Tasks of one shape in a meta-batch: their positions ``tasks`` and their support set and queries, stacked
+    ``[G, n, ...]``. ``n_way``: the head's outputs they use (its first ``n_way``; ``None``: all of them)."""
+
+    tasks: list[int]
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    n_way: Optional[int] = None
 
 
 @dataclass
@@ -220,7 +248,8 @@ def predict_queries(forward: Callable, params: Params, support_x: Tensor, query_
 class Network:
     """What the engine derives from a module for one call, and never keeps: ``forward(params, x)``
     (:func:`~lightning_meta.functional.functional_forward`), the batched linear chain and its hand-written gradient
-    where the module is such a chain (else ``None``), its batch norms, and whether it has convolutions.
+    where the module is such a chain (else ``None``), its batch norms, whether it has convolutions, and its head (the
+    last ``nn.Linear``, or ``None``).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
@@ -234,6 +263,7 @@ class Network:
     chain_grads: Optional[Callable]
     norms: list[nn.modules.batchnorm._BatchNorm]
     has_conv: bool
+    head: Optional[Head] = None
 
     @classmethod
     def of(cls, module: nn.Module, chain: bool = True) -> Network:
@@ -241,7 +271,52 @@ class Network:
         norms = batch_norms(module)
         fast = batched_chain(module) if chain else None
         return cls(functional_forward(module), fast, batched_chain_grads(module) if fast is not None else None, norms,
-                   has_convolutions(module))
+                   has_convolutions(module), Head.of(module))
+
+    def head_features(self, params: Params, x: Tensor, batched: bool = False) -> Tensor:
+        """The head's input features ``[n, D]`` of inputs ``x [n, ...]`` with ``params`` (``batched``: a meta-batch,
+        ``x [B, n, ...]`` -> ``[B, n, D]``, the parameters shared): the network with the identity for its head (``x @
+        I + 0`` is exact), which is its output layer. The inner loop takes its gradients with respect to views of its
+        own (:func:`_own_nodes`) or as separate variables (``torch.func.grad``), so they never count this path."""
+        head = cast(Head, self.head)  # callers checked that there is one, with a bias
+        weight = params.get(head.weight)
+        like = weight if weight is not None else next(iter(params.values()))
+        identity = {head.weight: torch.eye(head.in_features, dtype=like.dtype, device=like.device),
+                    cast(str, head.bias): torch.zeros(head.in_features, dtype=like.dtype, device=like.device)}
+        body = {k: v for k, v in params.items() if k not in identity}
+        if not batched:
+            return self.forward({**body, **identity}, x)
+        if self.chain is not None:  # the batched chain takes shared [O, F] weights beside per-task ones
+            return self.chain({**{k: v.expand(x.shape[0], *v.shape) for k, v in body.items()}, **identity}, x)
+        one = functools.partial(_with, self.forward, identity)
+        return torch.func.vmap(one, in_dims=(None, 0), randomness="different")(body, x)
+
+    def head_start(self, params: Params, support_x: Tensor, support_y: Tensor, batched: bool = False) -> Params:
+        """Proto-MAML's start of the head for the task (or each task, ``batched``: ``[B, ...]`` entries):
+        :func:`~lightning_meta.functional.inner_loop.prototype_head` of the head's input features of its support set,
+        with as many classes as the head in ``params`` has outputs (narrowed to the task's ways by the caller)."""
+        head = cast(Head, self.head)
+        weight = params.get(head.weight)
+        n = weight.shape[-2] if weight is not None else head.out_features
+        dtype = weight.dtype if weight is not None else support_x.dtype
+        return prototype_head(head, self.head_features(params, support_x, batched), support_y, n, dtype)
+
+
+def _with(forward: Callable, extra: Params, params: Params, x: Tensor) -> Tensor:
+    return forward({**params, **extra}, x)
+
+
+def _own_nodes(params: Params, head: Head) -> Params:
+    """The inner loop's parameters after Proto-MAML's start (:meth:`Network.head_start`): the head as started, every
+    other parameter a view of its own, for gradients by ``torch.autograd.grad`` (the loop, and vmap where the batched
+    chain's gradient does not cover the network): the gradient with respect to that view is the support loss's
+    partial derivative, the head held fixed (with respect to the parameter itself it would also count the path
+    through the prototypes). A head computed without a graph (ANIL in evaluation: detached features) becomes a leaf
+    that requires gradients."""
+    out = {k: v if k in (head.weight, head.bias) else v.view_as(v) for k, v in params.items()}
+    if not torch.is_grad_enabled():
+        return out
+    return {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in out.items()}
 
 
 def has_convolutions(module: nn.Module) -> bool:
@@ -312,7 +387,8 @@ class MetaBatchEngine:
     def run(self, module: nn.Module, params: Params, rates: LearningRates, support_x: Tensor, support_y: Tensor,
             query_x: Tensor, steps: int, first_order: bool = False, loss_scale: float = 1.0, trajectory: str = "last",
             share: Optional[Share] = None, leaves: Sequence[Tensor] = (), outer_scale: float = 1.0,
-            compiled: Optional[Compiled] = None) -> tuple[Adapted, Optional[Streamed]]:
+            compiled: Optional[Compiled] = None, n_way: Optional[int] = None,
+            head_init: str = "learned") -> tuple[Adapted, Optional[Streamed]]:
         """Adapt ``params`` (parameters of ``module``, by name, shared by all tasks) to each task ``[B, n, ...]`` and
         predict its queries.
 
@@ -324,33 +400,74 @@ class MetaBatchEngine:
 
         ``compiled`` (``(name, fn) -> compiled fn``): run each task's, or each vmapped chunk's, whole inner loop and
         query pass as one compiled function (:meth:`compiled_core`); the same numbers, and the same choices of
-        vmap, chunks and streaming, as the eager paths."""
+        vmap, chunks and streaming, as the eager paths.
+
+        ``n_way``: the tasks use the head's first ``n_way`` outputs only (``None``: all); ``head_init``:
+        ``"learned"`` (``params``' head) or ``"prototypes"`` (Proto-MAML's start, see the module docstring). A
+        meta-batch of tasks of different shapes runs through :meth:`run_groups`."""
+        group = TaskGroup(list(range(support_x.shape[0])), support_x, support_y, query_x, n_way)
+        return self.run_groups(module, params, rates, [group], steps, first_order, loss_scale, trajectory, share,
+                               leaves, outer_scale, compiled, head_init)
+
+    def run_groups(self, module: nn.Module, params: Params, rates: LearningRates, groups: Sequence[TaskGroup],
+                   steps: int, first_order: bool = False, loss_scale: float = 1.0, trajectory: str = "last",
+                   share: Optional[Share] = None, leaves: Sequence[Tensor] = (), outer_scale: float = 1.0,
+                   compiled: Optional[Compiled] = None, head_init: str = "learned") -> tuple[Adapted, Optional[Streamed]]:
+        """:meth:`run` for a meta-batch of tasks of different shapes, given as groups of one shape each
+        (:class:`TaskGroup`, every task of the meta-batch in exactly one): each group runs as a meta-batch of its
+        own (its chunks streamed as :meth:`run` streams them; ``share`` is given the tasks' positions in the
+        meta-batch), with the head narrowed to its ``n_way``. The results come back in task order: outputs ``[B, T,
+        M, N]`` where every task has that shape, else ``[B, T, M_max, N_max]`` with ``-inf`` outside each task's
+        own cells; support losses and finite steps ``[B, steps]``.
+
+        Example:
+            >>> from lightning_meta.models import MLP
+            >>> net, engine = MLP(4, (8,), 5), MetaBatchEngine(task_parallel="loop")
+            >>> params = dict(net.named_parameters())
+            >>> three = TaskGroup([0, 2], torch.randn(2, 6, 4), torch.arange(3).repeat(2, 2), torch.randn(2, 3, 4), 3)
+            >>> two = TaskGroup([1], torch.randn(1, 4, 4), torch.arange(2).repeat(1, 2), torch.randn(1, 5, 4), 2)
+            >>> adapted, _ = engine.run_groups(net, params, lambda s: dict.fromkeys(params, 0.1), [three, two], steps=1)
+            >>> adapted.outputs.shape, adapted.outputs[1, 0, :, 2].tolist()   # task 1: 5 queries, 2 classes
+            (torch.Size([3, 1, 5, 3]), [-inf, -inf, -inf, -inf, -inf])
+        """
         check_choice("trajectory", trajectory, TRAJECTORIES)
+        check_choice("head_init", head_init, HEAD_INITS)
         net = self.network(module)
-        vmap = self.use_vmap(module, support_x.device)
-        b = support_x.shape[0]
-        chunk = (self.task_chunk or (b if vmap else 1)) if share is not None else b
+        prototypes = head_init == "prototypes"
+        self._check_head(module, net, prototypes, [g.n_way for g in groups], [g.support_y for g in groups])
+        vmap = self.use_vmap(module, groups[0].support_x.device)
         stream = _Stream(share, list(leaves), outer_scale) if share is not None else None
-        results = []
         if compiled is not None:
-            run = self._compiled_run(module, net, compiled, vmap)
+            run = self._compiled_run(module, net, compiled, vmap, prototypes)
         else:
-            run = functools.partial(self._vmap if vmap else self._loop, net)
+            run = functools.partial(self._vmap if vmap else self._loop, net, prototypes)
+        pieces = []
         with out_of_place(module), norms_in_float32(net.norms):
-            for lo in range(0, b, chunk):
-                tasks = slice(lo, min(lo + chunk, b))
-                out, losses, finite = run(params, rates, support_x[tasks], support_y[tasks], query_x[tasks], steps,
-                                          first_order, loss_scale, trajectory)
-                results.append((stream.take(tasks, out) if stream else out, losses, finite))
-        outputs, losses, finite = (torch.cat(r) for r in zip(*results))
-        return Adapted(outputs, losses, finite), (stream.result() if stream else None)
+            for group in groups:
+                group_params, group_rates = _narrowed(net.head, params, rates, group.n_way)
+                b = len(group.tasks)
+                chunk = (self.task_chunk or (b if vmap else 1)) if share is not None else b
+                for lo in range(0, b, chunk):
+                    part = slice(lo, min(lo + chunk, b))
+                    tasks = group.tasks[part]
+                    out, losses, finite = run(group_params, group_rates, group.support_x[part], group.support_y[part],
+                                              group.query_x[part], steps, first_order, loss_scale, trajectory)
+                    pieces.append((tasks, stream.take(tasks, out) if stream else out, losses, finite))
+        return _in_task_order(pieces), (stream.result() if stream else None)
 
     def adapt(self, module: nn.Module, params: Params, rates: LearningRates, support_x: Tensor, support_y: Tensor,
-              steps: int, loss_scale: float = 1.0) -> tuple[list[Params], Tensor, Tensor]:
+              steps: int, loss_scale: float = 1.0, n_way: Optional[int] = None,
+              head_init: str = "learned") -> tuple[list[Params], Tensor, Tensor]:
         """One task ``[n, ...]``, first order (deployment): :func:`~lightning_meta.functional.inner_adapt` on
-        ``module``, as :meth:`run` adapts each task in evaluation."""
+        ``module``, as :meth:`run` adapts each task in evaluation (``n_way``, ``head_init`` as there)."""
+        check_choice("head_init", head_init, HEAD_INITS)
         net = self.network(module)
+        prototypes = head_init == "prototypes"
+        self._check_head(module, net, prototypes, [n_way], [support_y])
+        params, rates = _narrowed(net.head, params, rates, n_way)
         with out_of_place(module), norms_in_float32(net.norms):
+            if prototypes:
+                params = {**params, **net.head_start(params, support_x, support_y)}
             return inner_adapt(net.forward, params, support_x, support_y, steps, rates, True, loss_scale)
 
     def predict(self, module: nn.Module, params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
@@ -359,20 +476,38 @@ class MetaBatchEngine:
         with out_of_place(module), norms_in_float32(net.norms):
             return predict_queries(net.forward, params, support_x, query_x, net.norms, self.batch_norm)
 
-    def _vmap(self, net, params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
+    @staticmethod
+    def _check_head(module: nn.Module, net: Network, prototypes: bool, n_ways: Sequence[Optional[int]],
+                    targets: Sequence[Tensor]) -> None:
+        narrow = any(n is not None for n in n_ways)
+        if (prototypes or narrow) and net.head is None:
+            why = "Proto-MAML starts the head" if prototypes else "A task of N classes uses the first N outputs of the head"
+            raise ValueError(f"{why} (the last nn.Linear of the adapted module), but the adapted {type(module).__name__} "
+                             "has no nn.Linear.")
+        if prototypes and net.head is not None and net.head.bias is None:
+            raise ValueError("Proto-MAML sets the head's bias to -|c_k|^2, but the head (the last nn.Linear) has no bias: "
+                             "build it with bias=True.")
+        if prototypes and any(t.is_floating_point() for t in targets):
+            raise ValueError("Proto-MAML starts the head from the support set's class prototypes: it needs "
+                             "classification tasks (integer labels), but got float targets.")
+
+    def _vmap(self, net, prototypes, params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
         """Every task of the chunk at once: one batched call per layer, one autograd call per inner step."""
         forward = net.chain or torch.func.vmap(net.forward, randomness="different")
         batched = {n: p.expand(sx.shape[0], *p.shape) for n, p in params.items()}
+        if prototypes:  # the features through views of their own (see _own_nodes)
+            batched = _own_nodes({**batched, **net.head_start(params, sx, sy, batched=True)}, net.head)
         path, losses, finite = inner_adapt_batched(forward, batched, sx, sy, steps, rates, first_order, loss_scale,
                                                    net.chain_grads)
         outputs = [predict_queries(forward, p, sx, qx, net.norms, self.batch_norm, dim=1) for p in _pick(path, trajectory)]
         return torch.stack(outputs, 1), losses, finite
 
-    def _loop(self, net, params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
+    def _loop(self, net, prototypes, params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
         """One task after another, each with ``torch.autograd.grad`` (cheaper per call than ``torch.func.grad``)."""
         per_task = []
         for i in range(sx.shape[0]):
-            path, losses, finite = inner_adapt(net.forward, params, sx[i], sy[i], steps, rates, first_order,
+            start = _own_nodes({**params, **net.head_start(params, sx[i], sy[i])}, net.head) if prototypes else params
+            path, losses, finite = inner_adapt(net.forward, start, sx[i], sy[i], steps, rates, first_order,
                                                loss_scale, engine="autograd")
             outputs = [predict_queries(net.forward, p, sx[i], qx[i], net.norms, self.batch_norm)
                        for p in _pick(path, trajectory)]
@@ -381,22 +516,26 @@ class MetaBatchEngine:
         return out, losses, finite
 
     def compiled_core(self, module: nn.Module, vmap: bool, steps: int, first_order: bool, loss_scale: float,
-                      trajectory: str) -> Callable:
+                      trajectory: str, head_init: str = "learned") -> Callable:
         """The pure function a compiled run compiles: ``core(params, rates, support_x, support_y, query_x) ->
         (query outputs [T, M, ...], support losses [steps], finite [steps])`` for one task (``[n, ...]`` inputs), or
         with a leading task dimension on inputs and results under ``vmap``. ``rates``: one ``{name: rate}`` per step.
         Gradients by ``torch.func.grad``, so the inner loop's backward is part of the traced graph and the
         second-order meta-gradient is that graph's ordinary backward; no ``.item()``, no ``autograd.grad``, no graph
         break. Batch norm runs under the :func:`support_statistics` hooks that :meth:`run` installs around the call;
-        in ``"support"`` mode the queries run behind their support rows."""
-        return self._core(self.network(module), vmap, steps, first_order, loss_scale, trajectory)
+        in ``"support"`` mode the queries run behind their support rows. ``head_init="prototypes"``: each task's head
+        starts at Proto-MAML's start inside the core (its width that of the head in ``params``)."""
+        return self._core(self.network(module), vmap, steps, first_order, loss_scale, trajectory,
+                          head_init == "prototypes")
 
     def _core(self, net: Network, vmap: bool, steps: int, first_order: bool, loss_scale: float,
-              trajectory: str) -> Callable:
+              trajectory: str, prototypes: bool = False) -> Callable:
         forward, support_norm = net.forward, self.batch_norm == "support" and bool(net.norms)
 
         def core(params: Params, rates: list, sx: Tensor, sy: Tensor, qx: Tensor):
             ndim = target_ndim(sy, 0)
+            if prototypes:  # torch.func.grad takes each entry as its own variable: no views needed
+                params = {**params, **net.head_start(params, sx, sy)}
 
             def gradient(p: Params) -> tuple[Params, Tensor]:
                 grads, loss = scaled_grad(lambda q: per_task_loss(forward(q, sx), sy, ndim), p, loss_scale)
@@ -411,15 +550,16 @@ class MetaBatchEngine:
 
         return torch.func.vmap(core, in_dims=(None, None, 0, 0, 0), randomness="different") if vmap else core
 
-    def _compiled_run(self, module: nn.Module, net: Network, compiled: Compiled, vmap: bool) -> Callable:
+    def _compiled_run(self, module: nn.Module, net: Network, compiled: Compiled, vmap: bool,
+                      prototypes: bool = False) -> Callable:
         # the module's own layers are part of the name: a converted or replaced layer compiles anew
         layers = hashlib.sha1(repr([(id(m), type(m).__name__) for m in module.modules()]).encode()).hexdigest()[:8]
 
         def run(params, rates, sx, sy, qx, steps, first_order, loss_scale, trajectory):
             name = (f"inner loop ({'vmap' if vmap else 'one task'}, {steps} steps, "
                     f"{'first' if first_order else 'second'} order, loss scale {loss_scale}, outputs {trajectory}, "
-                    f"batch norm {self.batch_norm}, layers {layers})")
-            core = compiled(name, self._core(net, vmap, steps, first_order, loss_scale, trajectory))
+                    f"batch norm {self.batch_norm}, {'prototype' if prototypes else 'learned'} head, layers {layers})")
+            core = compiled(name, self._core(net, vmap, steps, first_order, loss_scale, trajectory, prototypes))
             per_step = [rates(step) for step in range(steps)]
             with support_statistics(net.norms, sx.shape[1] if self.batch_norm == "support" else None):
                 if vmap:
@@ -429,6 +569,38 @@ class MetaBatchEngine:
             return out, losses, finite
 
         return run
+
+
+def _narrowed(head: Optional[Head], params: Params, rates: LearningRates,
+              n_way: Optional[int]) -> tuple[Params, LearningRates]:
+    """``params`` and ``rates`` with the head cut to its first ``n_way`` outputs (``None``: as they are)."""
+    if n_way is None or head is None:
+        return params, rates
+    return head.narrow(params, n_way), lambda step: head.narrow(rates(step), n_way)
+
+
+def _in_task_order(pieces: list[tuple[list[int], Tensor, Tensor, Tensor]]) -> Adapted:
+    """The results of the chunks ``(tasks, outputs [c, T, ...], losses [c, steps], finite [c, steps])`` as one
+    :class:`Adapted` in task order; outputs of different shapes padded to the largest with ``-inf``."""
+    tasks = [t for piece in pieces for t in piece[0]]
+    losses, finite = torch.cat([p[2] for p in pieces]), torch.cat([p[3] for p in pieces])
+    outs = [p[1] for p in pieces]
+    position = [0] * len(tasks)
+    for i, t in enumerate(tasks):
+        position[t] = i
+    if position != list(range(len(tasks))):
+        order = torch.tensor(position, device=losses.device)
+        losses, finite = losses[order], finite[order]
+    if all(o.shape[1:] == outs[0].shape[1:] for o in outs):  # one shape (a fixed meta-batch): no padding
+        outputs = torch.cat(outs)
+        in_order = position == list(range(len(tasks)))
+        return Adapted(outputs if in_order else outputs[torch.tensor(position, device=outputs.device)], losses, finite)
+    largest = [max(o.shape[d] for o in outs) for d in range(1, outs[0].dim())]
+    outputs = outs[0].new_full((len(tasks), *largest), float("-inf"))  # [B, T, M_max, N_max]
+    for piece_tasks, out, _, _ in pieces:
+        index: tuple[Any, ...] = (torch.tensor(piece_tasks, device=out.device),)
+        outputs[index + tuple(slice(0, size) for size in out.shape[1:])] = out
+    return Adapted(outputs, losses, finite)
 
 
 def _pick(path: list[Params], trajectory: str) -> list[Params]:
@@ -446,7 +618,7 @@ class _Stream:
         self.total: Tensor | float = 0.0
         self.sums: list[Optional[Tensor]] = [None] * len(leaves)
 
-    def take(self, tasks: slice, outputs: Tensor) -> Tensor:
+    def take(self, tasks: list[int], outputs: Tensor) -> Tensor:
         share = self.share(tasks, outputs)
         grads = torch.autograd.grad(share * self.scale, self.leaves, allow_unused=True)
         for j, g in enumerate(grads):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional, TypeVar, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -11,12 +12,78 @@ from torch.func import functional_call
 
 from lightning_meta._checks import check_choice, surely_finite
 from lightning_meta.functional.batched import BatchedGrads
-from lightning_meta.functional.episode import per_task_loss, target_ndim, unscaled
+from lightning_meta.functional.episode import full_precision, per_task_loss, target_ndim, unscaled
 
 Params = dict[str, Tensor]
 Forward = Callable[[Params, Tensor], Tensor]  # (params, inputs) -> outputs
 ENGINES = ("func", "autograd")
 LearningRates = Callable[[int], dict[str, Union[Tensor, float]]]
+HEAD_INITS = ("learned", "prototypes")
+_V = TypeVar("_V")
+
+
+@dataclass(frozen=True)
+class Head:
+    """A module's head, its last ``nn.Linear``, by the names of its parameters (as in ``named_parameters()``). A task
+    of ``N`` classes uses the head's first ``N`` outputs (:meth:`narrow`): the other classes' logits are removed, not
+    masked; Proto-MAML starts the head at the task's prototypes (:func:`prototype_head`).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 10))
+        >>> head = Head.of(net)
+        >>> head, {k: tuple(v.shape) for k, v in head.narrow(dict(net.named_parameters()), 7).items()}["2.weight"]
+        (Head(weight='2.weight', bias='2.bias', in_features=8, out_features=10), (7, 8))
+    """
+
+    weight: str
+    bias: Optional[str]
+    in_features: int
+    out_features: int
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Optional[Head]:
+        """The head of ``module`` (``None`` without an ``nn.Linear`` whose weight is one of its parameters)."""
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        names = {id(p): n for n, p in module.named_parameters()}
+        if not linears or id(linears[-1].weight) not in names:
+            return None
+        last = linears[-1]
+        bias = names.get(id(last.bias)) if last.bias is not None else None
+        return cls(names[id(last.weight)], bias, last.in_features, last.out_features)
+
+    def narrow(self, values: dict[str, _V], n: int) -> dict[str, _V]:
+        """``values`` (parameters, or Meta-SGD rates shaped like them; a leading task dimension allowed) with the
+        head's weight ``[..., O, D]`` and bias ``[..., O]`` cut to their first ``n`` outputs (views: gradients reach the
+        full tensors' first ``n`` rows); scalar rates and the other entries as they are."""
+        out = dict(values)
+        for name, dim in ((self.weight, 2), (self.bias, 1)):
+            v = out.get(name) if name is not None else None
+            if name is not None and isinstance(v, Tensor) and v.dim() >= dim and v.shape[-dim] == self.out_features:
+                out[name] = cast(_V, v.narrow(v.dim() - dim, 0, n))
+        return out
+
+
+def prototype_head(head: Head, features: Tensor, labels: Tensor, n: int, dtype: torch.dtype) -> Params:
+    """Proto-MAML's head for a task (Triantafillou et al. 2020, "Meta-Dataset", section 3): ``W_k = 2 c_k`` and
+    ``b_k = -|c_k|^2`` from the prototypes ``c_k`` (class means, Snell et al. 2017) of the head's input features
+    ``[..., S, D]`` of the support set, labels ``[..., S]`` in ``0..n-1``, so that its logits ``2 c_k . h - |c_k|^2 =
+    |h|^2 - |h - c_k|^2`` are the squared-Euclidean ProtoNet's up to a term shared by every class. Computed in float32
+    or wider, returned in ``dtype``; differentiable (through the features, into the body).
+
+    Example:
+        >>> head = Head("weight", "bias", 2, 5)
+        >>> start = prototype_head(head, torch.tensor([[0., 0.], [2., 2.], [3., 1.]]), torch.tensor([0, 0, 1]), 2,
+        ...                        torch.float32)
+        >>> start["weight"].tolist(), start["bias"].tolist()
+        ([[2.0, 2.0], [6.0, 2.0]], [-2.0, -10.0])
+    """
+    if head.bias is None:
+        raise ValueError("Proto-MAML sets the head's bias to -|c_k|^2, but the head (the last nn.Linear) has no bias: "
+                         "build it with bias=True.")
+    h = full_precision(features)
+    onehot = (labels.unsqueeze(-1) == torch.arange(n, device=labels.device)).to(h.dtype)  # [..., S, n]
+    c = onehot.transpose(-1, -2) @ h / onehot.sum(-2).clamp_min(1).unsqueeze(-1)  # [..., n, D]
+    return {head.weight: (2 * c).to(dtype), head.bias: -(c * c).sum(-1).to(dtype)}
 
 
 def functional_forward(module: nn.Module) -> Callable[[Params, Tensor], Tensor]:

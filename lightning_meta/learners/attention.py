@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, cast
+from typing import Any, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +11,11 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_meta._checks import check_embedding_width, check_int
+from lightning_meta.compile import eager_for_ragged
 from lightning_meta.data.episode import Episode
+from lightning_meta.data.ragged import RaggedEpisode
 from lightning_meta.functional import class_prototypes
+from lightning_meta.functional.prototypes import ragged_prototypes
 from lightning_meta.learners.base import MetaLearner, TaskPredictor
 from lightning_meta.learners.widths import embedding_width_from_data
 from lightning_meta.models import embedding_width, infer_embedding_width
@@ -53,6 +56,11 @@ class AttentionLearner(MetaLearner):
     sees a query label. Regression: support tokens carry ``(x, y)`` (``e_i`` plus a projection of ``y_i``) and a
     linear head reads each query token.
 
+    A :class:`~lightning_meta.data.RaggedEpisode` (tasks of different ways and shots): the backbone embeds its real
+    examples in one call; each task's ``N_i + S_i + M_i`` tokens are padded to ``[B, T_max, D]`` and an attention mask
+    keeps every task's tokens among its own (padding is never attended to); logits ``[B, M_max, N_max]``, ``-inf``
+    outside each task's cells.
+
     Args:
         backbone: maps inputs ``[n, ...]`` to embeddings ``[n, D]``.
         max_way: the largest N accepted.
@@ -71,6 +79,8 @@ class AttentionLearner(MetaLearner):
         >>> net(ep).shape
         torch.Size([2, 9, 3])
     """
+
+    accepts_ragged = True  # RaggedEpisode meta-batches: each task on its own examples and classes
 
     def __init__(
         self,
@@ -103,8 +113,15 @@ class AttentionLearner(MetaLearner):
         self.readout = nn.Linear(dim, target_dim)
         self.query_attention = query_attention
 
-    def check_episode(self, batch: Episode) -> int:
-        n_way = super().check_episode(batch)
+    def check_episode(self, batch: Union[Episode, RaggedEpisode]) -> int:
+        n_way = super().check_episode(cast(Any, batch))
+        if isinstance(batch, RaggedEpisode) and n_way > self.max_way:
+            task = batch.ways.index(n_way)
+            raise ValueError(
+                f"Task {task} of this ragged meta-batch has {n_way} classes but the AttentionLearner was built for at "
+                f"most max_way={self.max_way}: cap the variable episodes' ways at {self.max_way} (e.g. "
+                f"VariableEpisodes(max_way={self.max_way})) or build it with max_way>={n_way}."
+            )
         if n_way > self.max_way:
             raise ValueError(
                 f"This episode has {n_way} classes but the AttentionLearner was built for at most max_way="
@@ -131,10 +148,7 @@ class AttentionLearner(MetaLearner):
         return mask
 
     def _run(self, tokens: Tensor, n_context: int) -> Tensor:
-        mask = self._mask(n_context, tokens.shape[1] - n_context, tokens.device)
-        for block in self.blocks:
-            tokens = block(tokens, mask)
-        return self.norm(tokens)
+        return self._run_masked(tokens, self._mask(n_context, tokens.shape[1] - n_context, tokens.device))
 
     def _build_input(self, width: int) -> None:
         self.input = nn.Linear(width, self.hparams.dim).to(self.device)
@@ -143,21 +157,32 @@ class AttentionLearner(MetaLearner):
     @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        datamodule = getattr(self._trainer, "datamodule", None)
+        rules = getattr(datamodule, "variable_episodes", None)
+        ways = [getattr(datamodule, name, 0) for name in ("n_way", "train_way")]
+        if rules is not None and None in ways and rules.max_way > self.max_way:  # named now, not mid-epoch on one rank
+            raise ValueError(
+                f"The data module's variable episodes have up to max_way={rules.max_way} ways, but the "
+                f"AttentionLearner was built for at most max_way={self.max_way}: build it with "
+                f"max_way={rules.max_way}, or lower VariableEpisodes(max_way=...) to {self.max_way}.")
         if stage == "fit" and self.input is None:  # before the optimizer is built, so that it trains the projection
             self._build_input(embedding_width_from_data(self, self.backbone, "embedding_dim"))
 
-    def forward_episode(self, batch: Episode) -> Tensor:
+    def forward_episode(self, batch: Union[Episode, RaggedEpisode]) -> Tensor:
+        if isinstance(batch, RaggedEpisode):
+            if self.input is None:
+                self._build_input(infer_embedding_width(self.backbone, batch.support_x[0]))
+            eager_for_ragged(self, "episode outputs")
+            return self.ragged_outputs(batch)
         sx, sy, qx, _ = batch
         if self.input is None:  # outside fit, with a backbone that states no width: one forward of an input
             self._build_input(infer_embedding_width(self.backbone, sx[0, 0]))
         n_way = 0 if sy.is_floating_point() else int(sy.max()) + 1
         return self.compiled("episode outputs", self.episode_outputs)(sx, sy, qx, n_way)
 
-    def episode_outputs(self, sx: Tensor, sy: Tensor, qx: Tensor, n_way: int) -> Tensor:
-        """Query logits ``[B, M, N]`` (``n_way`` classes) or predictions shaped like the targets (regression,
-        ``n_way`` unused): a pure tensor function (compiled with ``compile=True``)."""
-        b, s, m = sx.shape[0], sx.shape[1], qx.shape[1]
-        features = self.backbone(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)])).flatten(1)
+    def _project(self, x: Tensor) -> Tensor:
+        """Backbone embeddings of inputs ``[n, ...]`` projected to the transformer's width: ``[n, dim]``."""
+        features = self.backbone(x).flatten(1)
         check_embedding_width(features)
         projection = cast(nn.Linear, self.input)  # built by forward_episode or setup when embedding_dim was None
         if features.shape[1] != projection.in_features:
@@ -165,7 +190,13 @@ class AttentionLearner(MetaLearner):
                 f"The backbone gives embeddings of size {features.shape[1]}, but the AttentionLearner was built with "
                 f"embedding_dim={projection.in_features}: pass embedding_dim={features.shape[1]}."
             )
-        e = projection(features)
+        return projection(features)
+
+    def episode_outputs(self, sx: Tensor, sy: Tensor, qx: Tensor, n_way: int) -> Tensor:
+        """Query logits ``[B, M, N]`` (``n_way`` classes) or predictions shaped like the targets (regression,
+        ``n_way`` unused): a pure tensor function (compiled with ``compile=True``)."""
+        b, s, m = sx.shape[0], sx.shape[1], qx.shape[1]
+        e = self._project(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)]))
         support, query = e[: b * s].view(b, s, -1), e[b * s :].view(b, m, -1)  # [B, S, D], [B, M, D]
         query = query + self.markers[2]
         if sy.is_floating_point():
@@ -181,6 +212,45 @@ class AttentionLearner(MetaLearner):
         class_out, query_out = out[:, :n_way], out[:, n_way + s :]
         logits = (query_out @ class_out.transpose(1, 2)).float() / math.sqrt(out.shape[-1])  # [B, M, N]
         return logits + self._unused(self.target, self.readout)
+
+    def ragged_outputs(self, batch: RaggedEpisode) -> Tensor:
+        """Query logits ``[B, M_max, N_max]`` of a ragged meta-batch (``-inf`` outside each task's ``[M_i, N_i]``
+        cells): each task's examples through the backbone on their own (batch norm per task, as a meta-batch of one),
+        the tokens of :meth:`episode_outputs` per task, task ``i``'s at positions ``0..T_i-1`` of row ``i`` of
+        ``[B, T_max, D]`` (its N_i classes, S_i support examples, M_i queries), masked so that a task's tokens attend
+        only to its own as in a meta-batch of one; a padding position attends only to itself and is never read."""
+        ways, s_tasks, q_tasks = batch.ways, batch.task_index("support"), batch.task_index("query")
+        support, query = batch.embed_tasks(self._project)  # each task's examples on their own: [sum S_i, dim], ...
+        query = query + self.markers[2]
+        classes = ragged_prototypes(support, batch.support_y, s_tasks, ways) + self.markers[0]  # [B, N_max, dim]
+        support = support + self.label(classes[s_tasks, batch.support_y]) + self.markers[1]
+        dev = support.device
+        n, s, m = (torch.tensor(v, device=dev) for v in (ways, batch.support_sizes, batch.query_sizes))
+        context, length = n + s, n + s + m  # [B]: tokens a task's tokens attend to; tokens of a task
+        c_tasks = torch.repeat_interleave(torch.arange(batch.num_tasks, device=dev), n)
+        c_pos = torch.arange(len(c_tasks), device=dev) - (torch.cumsum(n, 0) - n)[c_tasks]  # 0..N_i-1
+        s_pos, q_pos = n[s_tasks] + batch.row_index("support"), context[q_tasks] + batch.row_index("query")
+        rows = torch.cat([c_tasks, s_tasks, q_tasks]), torch.cat([c_pos, s_pos, q_pos])
+        t_max = int(length.max())
+        tokens = support.new_zeros(batch.num_tasks, t_max, support.shape[1]).index_put(
+            rows, torch.cat([classes[c_tasks, c_pos], support, query]))  # [B, T_max, dim]
+        pos = torch.arange(t_max, device=dev)
+        row, key = pos[None, :, None], pos[None, None, :]  # [1, T, 1], [1, 1, T]
+        c, t = context[:, None, None], length[:, None, None]
+        queries = (row >= c) & (row < t) & (key >= c) & (key < t)  # [B, T, T]: a task's query-query block
+        mask = ((row < t) & (key < c)) | (queries & ((key == row) | self.query_attention)) | ((row >= t) & (key == row))
+        out = self._run_masked(tokens, mask[:, None])  # [B, T_max, dim]
+        class_out = out[:, : batch.num_ways]  # [B, N_max, dim]: past a task's N_i, other tokens, masked below
+        query_out = batch.pad(out[q_tasks, q_pos])  # [B, M_max, dim]
+        logits = (query_out @ class_out.transpose(1, 2)).float() / math.sqrt(out.shape[-1])  # [B, M_max, N_max]
+        own = batch.mask()[:, :, None] & batch.way_mask()[:, None, :]
+        return logits.masked_fill(~own, float("-inf")) + self._unused(self.target, self.readout)
+
+    def _run_masked(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """The transformer on tokens ``[B, T, dim]`` under a boolean mask ``[T, T]`` or ``[B, 1, T, T]``."""
+        for block in self.blocks:
+            tokens = block(tokens, mask)
+        return self.norm(tokens)
 
     @staticmethod
     def _unused(*parts) -> Tensor:

@@ -25,14 +25,23 @@ from lightning_meta.checkpoint import (
     set_rng_states,
 )
 from lightning_meta.compile import CompiledCores
-from lightning_meta.data.checks import as_inputs, as_targets, check_episode, check_meta_batch, task_as_episode
+from lightning_meta.data.checks import (
+    as_inputs,
+    as_targets,
+    check_episode,
+    check_meta_batch,
+    check_ragged,
+    task_as_episode,
+)
 from lightning_meta.data.episode import Episode
-from lightning_meta.functional.episode import per_task_loss, target_ndim
+from lightning_meta.data.ragged import RaggedEpisode
 from lightning_meta.learners.episode_log import EpisodeLog
 from lightning_meta.learners.nonfinite import NonFinitePolicy
 from lightning_meta.learners.widths import probe_backbone
 from lightning_meta.models import Normalization, backbone_spec, build_backbone, record_input_normalization
 from lightning_meta.models import input_normalization as backbone_normalization
+
+Batch = Union[Episode, RaggedEpisode]  # a fixed-shape meta-batch, or one whose tasks differ in shape
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULERS = (None, "cosine", "step")
@@ -129,6 +138,9 @@ class MetaLearner(CompiledCores, L.LightningModule):
         self._normalize_tensors: dict[tuple, tuple[Tensor, Tensor]] = {}  # see _normalization
 
     backbone: nn.Module
+    # whether forward_episode (and the steps) compute on RaggedEpisode meta-batches; a learner written for fixed
+    # [B, n, ...] tensors is refused one with an error instead of reading its concatenated tasks as one
+    accepts_ragged: bool = False
 
     if TYPE_CHECKING:  # Lightning types hparams as a MutableMapping; ours is always its AttributeDict
 
@@ -136,7 +148,7 @@ class MetaLearner(CompiledCores, L.LightningModule):
         def hparams(self) -> AttributeDict: ...
 
     # ------------------------------------------------------------------ what subclasses implement
-    def forward_episode(self, batch: Episode) -> Tensor:
+    def forward_episode(self, batch: Batch) -> Tensor:
         """Query outputs ``[B, M, N]`` (logits) or ``[B, M]`` (regression) for a meta-batch of tasks."""
         raise NotImplementedError
 
@@ -144,12 +156,16 @@ class MetaLearner(CompiledCores, L.LightningModule):
         """Adapt to one new task (no batch dimension) and return a predictor for its queries."""
         raise NotImplementedError
 
-    def meta_loss(self, batch: Episode, outputs: Tensor) -> Tensor:
-        """The loss the outer loop minimises (default: mean query loss over the tasks)."""
-        return per_task_loss(outputs, batch.query_y, target_ndim(batch.query_y, 1)).mean()
+    def meta_loss(self, batch: Batch, outputs: Tensor) -> Tensor:
+        """The loss the outer loop minimises (default: the mean over tasks of each task's mean query loss; for a
+        :class:`~lightning_meta.data.RaggedEpisode` each task's own queries and classes)."""
+        return batch.task_losses(outputs).mean()
 
-    def check_episode(self, batch: Episode) -> int:
-        """Validate a meta-batch before any work; returns its number of ways (1 for regression)."""
+    def check_episode(self, batch: Batch) -> int:
+        """Validate a meta-batch before any work; returns its number of ways (1 for regression; for a
+        :class:`~lightning_meta.data.RaggedEpisode` the most ways of a task)."""
+        if isinstance(batch, RaggedEpisode):
+            return check_ragged(batch)
         return check_episode(batch)
 
     def as_inputs(self, x: Tensor, name: str = "inputs") -> Tensor:
@@ -193,16 +209,27 @@ class MetaLearner(CompiledCores, L.LightningModule):
             self._normalize_tensors = {key: (torch.tensor(pair[0], device=device), torch.tensor(pair[1], device=device))}
         return self._normalize_tensors[key]
 
-    def prepare_episode(self, batch: Any) -> Episode:
+    def prepare_episode(self, batch: Any) -> Batch:
         """A meta-batch in the form the learners compute on: integer labels of any width as int64 (bool labels are
-        refused), inputs as floats in the weights' dtype (:meth:`as_inputs`). Raises for anything but a 4-tuple."""
+        refused), inputs as floats in the weights' dtype (:meth:`as_inputs`). Raises for anything but a 4-tuple or a
+        :class:`~lightning_meta.data.RaggedEpisode` (which stays one, its tensors converted)."""
+        if isinstance(batch, RaggedEpisode):
+            if not self.accepts_ragged:
+                raise TypeError(
+                    f"{type(self).__name__} computes on fixed-shape Episodes ([B, n, ...] tensors), but this meta-batch "
+                    f"is a RaggedEpisode ({batch.num_tasks} tasks of different shapes, concatenated: variable "
+                    "episodes). Give the data module numbers for n_way, n_shot and n_query, or handle RaggedEpisode "
+                    "in forward_episode (its task(i), pad(), pad_outputs()) and set `accepts_ragged = True` on the "
+                    "class.")
+            return batch.replace(self.as_inputs(batch.support_x, "support_x"), as_targets(batch.support_y, "support_y"),
+                                 self.as_inputs(batch.query_x, "query_x"), as_targets(batch.query_y, "query_y"))
         sx, sy, qx, qy = check_meta_batch(batch)
         return Episode(self.as_inputs(sx, "support_x"), as_targets(sy, "support_y"), self.as_inputs(qx, "query_x"),
                        as_targets(qy, "query_y"))
 
     # ------------------------------------------------------------------ steps
     @override
-    def forward(self, batch: Episode) -> Tensor:
+    def forward(self, batch: Batch) -> Tensor:
         """Query outputs of a meta-batch (see :meth:`forward_episode`), after the same checks as a training step."""
         if torch.compiler.is_compiling():  # called through torch.compile(learner): compile the cores instead
             return self._forward_compiled_by_caller(batch)
@@ -211,13 +238,13 @@ class MetaLearner(CompiledCores, L.LightningModule):
         return self.forward_episode(batch)
 
     @override
-    def training_step(self, batch: Episode, batch_idx: int) -> Optional[Tensor]:
+    def training_step(self, batch: Batch, batch_idx: int) -> Optional[Tensor]:
         batch = self.prepare_episode(batch)
         self.check_episode(batch)
         outputs = self.forward_episode(batch)
         return self.finish_training_step(batch, outputs, self.meta_loss(batch, outputs))
 
-    def finish_training_step(self, batch: Episode, outputs: Tensor, loss: Tensor) -> Optional[Tensor]:
+    def finish_training_step(self, batch: Batch, outputs: Tensor, loss: Tensor) -> Optional[Tensor]:
         """Log a training step and return its meta-loss; a non-finite one stops training naming the step, or with
         ``nonfinite="skip"`` skips the meta-batch (under DDP all ranks decide together)."""
         reviewed = self.nonfinite_policy.review(self, loss)
@@ -225,7 +252,7 @@ class MetaLearner(CompiledCores, L.LightningModule):
             self.episode_log.step(self, batch, outputs.detach(), "train", loss.detach())
         return reviewed
 
-    def _evaluate(self, batch: Episode, stage: str, dataloader_idx: int = 0, batch_idx: Optional[int] = None) -> None:
+    def _evaluate(self, batch: Batch, stage: str, dataloader_idx: int = 0, batch_idx: Optional[int] = None) -> None:
         batch = self.prepare_episode(batch)
         self.check_episode(batch)
         self.episode_log.step(self, batch, self.forward_episode(batch).detach(), stage, dataloader_idx=dataloader_idx,
@@ -244,15 +271,15 @@ class MetaLearner(CompiledCores, L.LightningModule):
         self.nonfinite_policy.after_batch(self)
 
     @override
-    def validation_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val", dataloader_idx, batch_idx)
 
     @override
-    def test_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "test", dataloader_idx, batch_idx)
 
     @override
-    def predict_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Query outputs of the meta-batch: logits ``[B, M, N]``, or predictions shaped like ``query_y``."""
         return self(batch)
 

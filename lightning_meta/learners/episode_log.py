@@ -12,7 +12,7 @@ over the sets are logged once, at the epoch's end, outside any loader, so Lightn
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, cast
+from typing import TYPE_CHECKING, Optional, Union, cast
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lightning_meta import trainer_view
 from lightning_meta.data.episode import Episode
-from lightning_meta.functional.episode import episode_accuracy, per_task_loss, target_ndim
+from lightning_meta.data.ragged import RaggedEpisode
 from lightning_meta.metrics import EpisodeCount, EpisodeMean
 
 if TYPE_CHECKING:
@@ -61,18 +61,18 @@ class EpisodeLog(nn.Module):
         return (cast(EpisodeMean, self.values[f"{key}_value"]), cast(EpisodeMean, self.losses[f"{key}_loss"]),
                 cast(EpisodeCount, self.diverged[f"{key}_diverged"]))
 
-    def step(self, learner: MetaLearner, batch: Episode, outputs: Tensor, stage: str, loss: Optional[Tensor] = None,
-             dataloader_idx: int = 0, batch_idx: Optional[int] = None) -> None:
+    def step(self, learner: MetaLearner, batch: Union[Episode, RaggedEpisode], outputs: Tensor, stage: str,
+             loss: Optional[Tensor] = None, dataloader_idx: int = 0, batch_idx: Optional[int] = None) -> None:
         """Log a training step (``loss``: its meta-loss) or add an evaluation meta-batch to its stream's metrics; the
         last batch (``batch_idx``) of a named set's loader logs that set's figures."""
         regression = batch.is_regression
         self.regression = regression
         if stage == "train" and learner._trainer is None:
             return  # a bare training_step call (tests, notebooks, benchmarks) has nowhere to log
-        per_task = per_task_loss(outputs, batch.query_y, target_ndim(batch.query_y, 1))
-        value = per_task if regression else episode_accuracy(outputs, batch.query_y)
+        per_task = batch.task_losses(outputs)  # [B]; a RaggedEpisode reads each task's own queries and classes
+        value = per_task if regression else batch.task_accuracies(outputs)
         if stage != "train":  # a diverged task (NaN outputs, e.g. MAML's inner loop) is counted, not averaged
-            ok = torch.isfinite(outputs.flatten(1).float()).all(1)
+            ok = batch.task_finite(outputs)
             values, losses, diverged = self.stream(stage, dataloader_idx)
             diverged.update(~ok)
             values.update(value[ok])

@@ -28,9 +28,10 @@ class Pretrainer(ProtoNet):
     Training consumes :class:`~lightning_meta.data.LabelledBatch` es (``EpisodicDataModule(...,
     pretrain_batch_size=128)``, or any loader of ``(x, y)`` batches with labels ``0..C-1``). Validation, testing and
     :meth:`adapt` are few-shot, by nearest prototype of the embeddings (a :class:`ProtoNet` evaluation; cosine by
-    default, which suits a classifier's features), so a pretraining run reports the few-shot accuracy it reaches and
-    is a learner of its own. Its ``backbone`` then initialises episodic training: ``ProtoNet(pretrainer.backbone)`` in
-    one script, or ``Conv4(pretrained="pretrain.ckpt")`` in a second run's config.
+    default, which suits a classifier's features; variable-way, variable-shot episodes as ragged meta-batches too), so
+    a pretraining run reports the few-shot accuracy it reaches and is a learner of its own. Its ``backbone`` then
+    initialises episodic training: ``ProtoNet(pretrainer.backbone)`` in one script, or
+    ``Conv4(pretrained="pretrain.ckpt")`` in a second run's config.
 
     Args:
         backbone: maps ``[n, ...]`` inputs to embeddings ``[n, D]`` (e.g. ``Conv4()``).

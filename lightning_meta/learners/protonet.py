@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Union
 
 import torch
 from torch import Tensor, nn
 
 from lightning_meta._checks import check_choice, check_embedding_width, check_int, check_positive
+from lightning_meta.compile import eager_for_ragged
 from lightning_meta.data.episode import Episode
+from lightning_meta.data.ragged import RaggedEpisode
 from lightning_meta.functional import class_prototypes, cosine_logits, squared_euclidean
 from lightning_meta.functional.heads import fit_linear, fit_logistic, l2_normalize, linear_logits
-from lightning_meta.learners.base import MetaLearner, TaskPredictor
+from lightning_meta.functional.prototypes import ragged_prototypes
+from lightning_meta.learners.base import Batch, MetaLearner, TaskPredictor
 
 DISTANCES = ("euclidean", "cosine")
 HEADS = ("prototype", "logistic", "finetune")
@@ -26,6 +30,9 @@ class ProtoNet(MetaLearner):
 
     Shapes: support ``[B, N*K, C, H, W]`` -> embeddings ``[B, N*K, D]`` -> prototypes ``[B, N, D]``;
     queries ``[B, M, C, H, W]`` -> logits ``[B, M, N]``. All tasks of a meta-batch go through the backbone in one call.
+    A :class:`~lightning_meta.data.RaggedEpisode` (tasks of different ways and shots) too: its real examples
+    ``[sum S_i + sum M_i, ...]`` in one call, each task's prototypes from its own support set, logits
+    ``[B, M_max, N_max]`` with ``-inf`` outside each task's ``[M_i, N_i]`` cells.
 
     Args:
         backbone: maps ``[n, ...]`` inputs to embeddings ``[n, D]`` (e.g. ``Conv4()``, a timm or torchvision model).
@@ -49,6 +56,8 @@ class ProtoNet(MetaLearner):
         >>> net.adapt(ep.support_x[0], ep.support_y[0])(torch.randn(5, 4)).shape
         torch.Size([5, 3])
     """
+
+    accepts_ragged = True  # RaggedEpisode meta-batches: each task on its own examples and classes
 
     def __init__(
         self,
@@ -76,7 +85,7 @@ class ProtoNet(MetaLearner):
         # only cosine logits use the scale: a trainable parameter outside the loss would stop DDP
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale and distance == "cosine")
 
-    def check_episode(self, batch: Episode) -> int:
+    def check_episode(self, batch: Batch) -> int:
         n_way = super().check_episode(batch)
         if batch.is_regression:
             raise ValueError(
@@ -96,7 +105,13 @@ class ProtoNet(MetaLearner):
             return -squared_euclidean(queries, prototypes)
         return cosine_logits(queries, prototypes, self.scale)
 
-    def forward_episode(self, batch: Episode) -> Tensor:
+    def forward_episode(self, batch: Union[Episode, RaggedEpisode]) -> Tensor:
+        if isinstance(batch, RaggedEpisode):
+            if self.training or self.hparams.head == "prototype":
+                eager_for_ragged(self, "episode logits")
+                return self.ragged_logits(batch)
+            return batch.pad_outputs([self._classify(self.fit_head(t.support_x, t.support_y, n), t.query_x)
+                                      for t, n in zip(batch.tasks(), batch.ways)])  # each task as adapt() fits it
         sx, sy, qx, _ = batch
         n_way = int(sy.max()) + 1
         if self.training or self.hparams.head == "prototype":
@@ -111,6 +126,18 @@ class ProtoNet(MetaLearner):
         z = self.embed(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)]))  # [B*(S+M), D]
         support, query = z[: b * s].view(b, s, -1), z[b * s :].view(b, m, -1)
         return self.logits(query, class_prototypes(support, sy, n_way))  # [B, M, N]
+
+    def ragged_logits(self, batch: RaggedEpisode) -> Tensor:
+        """Query logits ``[B, M_max, N_max]`` of a ragged meta-batch, ``-inf`` outside each task's ``[M_i, N_i]``
+        cells: each task's real examples through the backbone on their own (:meth:`RaggedEpisode.embed_tasks`: batch
+        norm with the task's own statistics, as Meta-Dataset trains one episode per step, and as fast as one task at a
+        time on a CPU), each task's prototypes ``[N_i, D]`` from its own support embeddings, each query against its
+        own task's prototypes: every task computes exactly what it computes as a meta-batch of one."""
+        support, query = batch.embed_tasks(self.embed)  # [sum S_i, D], [sum M_i, D]
+        prototypes = ragged_prototypes(support, batch.support_y, batch.task_index("support"), batch.ways)
+        logits = self.logits(batch.pad(query), prototypes)  # [B, M_max, N_max]; padded cells masked next
+        own = batch.mask()[:, :, None] & batch.way_mask()[:, None, :]
+        return logits.masked_fill(~own, float("-inf"))
 
     def fit_head(self, support_x: Tensor, support_y: Tensor, n_way: int) -> Classifier:
         """The learner's ``head`` fitted on one task's support set ``[S, ...]``: ``(embed, classify)``, where

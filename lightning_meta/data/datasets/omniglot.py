@@ -87,6 +87,8 @@ class Omniglot(CachedImageDataset):
         >>> ds = Omniglot(root, ["images_background_small1"], ["Greek"], rotations=(0, 90)) if root.is_dir() else None
         >>> ds is None or (ds.num_classes, tuple(ds.images.shape)) == (48, (960, 1, 28, 28))
         True
+        >>> ds is None or (ds.class_names[1], ds.class_groups[1]) == ("Greek/character01/rot90", "Greek")
+        True
     """
 
     def __init__(
@@ -142,6 +144,13 @@ class Omniglot(CachedImageDataset):
             self.setup()
             return self.__dict__[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def class_groups(self) -> list[str]:
+        """The alphabet of each class, in label order (the order of ``class_names``): the hierarchy that
+        :class:`~lightning_meta.EpisodicDataModule` draws variable episodes within, one alphabet per episode, as
+        Meta-Dataset does."""
+        return [name.split("/", 1)[0] for name in self.class_names or ()]
 
     def setup(self) -> None:
         """Read the images (already done at construction unless ``download=True``)."""
