@@ -140,7 +140,11 @@ class MetaCLI(LightningCLI):
             failed = err
         subcommand = self.config.get("subcommand")
         data = (self.config.get(subcommand) if subcommand else self.config).get("data")
+        module = data if data is not None and "class_path" in data else None  # the data module as a class path
+        data = module.get("init_args") if module is not None else data
         cause = _source_error(data) if data is not None else None
+        if cause is None and module is not None:  # a subclass that builds its own sources (MetaDatasetDataModule)
+            cause = _built_error(module, "data")
         raise failed if cause is None else cause
 
     def after_fit(self) -> None:
@@ -167,13 +171,22 @@ def _source_error(data: Namespace) -> Optional[Exception]:
         value = data.get(stage)
         named = value.items() if isinstance(value, dict) else [(stage, value)]
         for name, source in named:
-            try:
-                _build(source)
-            except Exception as err:  # whatever the dataset raises is the user's answer
-                note = getattr(err, "add_note", None)
-                if callable(note):
-                    note(f"(building `data.{stage}{'' if name == stage else '.' + name}` of the configuration)")
-                return err
+            cause = _built_error(source, f"data.{stage}{'' if name == stage else '.' + name}")
+            if cause is not None:
+                return cause
+    return None
+
+
+def _built_error(value: Any, key: str) -> Optional[Exception]:
+    """The error ``value`` (a ``class_path``/``init_args`` namespace) raises when built, noting the configuration key
+    it was built from; ``None`` when it builds."""
+    try:
+        _build(value)
+    except Exception as err:  # whatever the class raises is the user's answer
+        note = getattr(err, "add_note", None)
+        if callable(note):
+            note(f"(building `{key}` of the configuration)")
+        return err
     return None
 
 
@@ -183,6 +196,8 @@ def _build(value: Any) -> Any:
         module, _, name = value["class_path"].rpartition(".")
         init = value.get("init_args")
         return getattr(importlib.import_module(module), name)(**{k: _build(v) for k, v in (vars(init) if init else {}).items()})
+    if isinstance(value, Namespace):  # a dataclass's fields (e.g. `variable_episodes`), which take their dict
+        return {k: _build(v) for k, v in vars(value).items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_build(v) for v in value)
     return {k: _build(v) for k, v in value.items()} if isinstance(value, dict) else value
@@ -195,6 +210,7 @@ def run(args=None) -> MetaCLI:
         MetaLearner,
         EpisodicDataModule,
         subclass_mode_model=True,
+        subclass_mode_data=True,  # `data:` is EpisodicDataModule's arguments, or a subclass's `class_path`/`init_args`
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

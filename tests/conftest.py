@@ -2,6 +2,8 @@ import contextlib
 import fcntl
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -61,6 +63,20 @@ def once_per_run(name: str, tmp_path_factory, make) -> Path:
             make(folder)
             (folder / ".done").touch()
     return folder
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    """The folder of every real-DDP case of the suite (test_ddp.py, test_variable_training.py): tests/ddp_run.py's
+    one launch, once per test run (its ranks and one-process runs forked after one import, instead of an interpreter
+    and its imports for every rank and run)."""
+
+    def launch(folder):
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_run.py"), str(folder / "runs")],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr[-6000:]
+
+    return once_per_run("ddp_runs", tmp_path_factory, launch) / "runs"
 
 
 @pytest.fixture

@@ -1,11 +1,21 @@
-"""Run by test_ddp.py as its own command: Lightning's `ddp` launcher re-executes this file for rank 1.
+"""Every real-DDP case of the suite, from one command run once per test run (tests/conftest.py, `ddp_runs`):
 
-    python tests/ddp_run.py OUT_DIR DEVICES META_BATCH
+    python tests/ddp_run.py OUT_DIR
 
-Records, per rank, the episodes each step drew, the meta-gradient after the first backward (after DDP's all-reduce),
-the validation metrics and the smallest top-2 logit gap of its validation queries, into OUT_DIR/rank{R}.pt.
+imports torch, Lightning and ours once, then forks each case's processes (forking.py): its 2 DDP ranks (on CPU, gloo;
+forked as a launcher such as torchrun starts them, so Lightning starts none) and, beside them, the one-process run
+they must equal, each a process of its own. Each case writes OUT_DIR/CASE/rank{R}.pt per rank:
+
+- ddp, single: `run` below, per rank the episodes each step drew, the meta-gradient after the first backward (after
+  DDP's all-reduce), the validation metrics and the smallest top-2 logit gap of its validation queries (meta-batches
+  of 4 per rank, and 8);
+- variable_ddp, variable_single: ddp_variable.py's variable episodes (meta-batches of 2 per rank, and 4);
+- skip2/MODE, skip1/MODE: ddp_skip.py's non-finite policy ("raise" and "few_eval" on 2 ranks only).
+
+OUT_DIR/logs holds every process's output; the command fails, with the failures' stderr, when any process fails.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +23,9 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import ddp_skip  # noqa: E402
+import ddp_variable  # noqa: E402
+from forking import finished, run_forked, run_ranks, start_forked  # noqa: E402
 from helpers import blob_data, sine_data, top2_gap  # noqa: E402
 
 from lightning_meta import MAML, AttentionLearner, ProtoNet  # noqa: E402
@@ -69,5 +82,42 @@ def run(out: Path, devices: int, meta_batch: int) -> None:
                out / f"rank{trainer.global_rank}.pt")
 
 
+def cases(out: Path) -> list[tuple]:
+    """(name, job, its arguments on 2 ranks, on one process or None)."""
+    modes = "skip,accumulate,accumulate_scaler"
+    return [("fixed", run, (out / "ddp", 2, 4), (out / "single", 1, 8)),
+            ("variable", ddp_variable.run, (out / "variable_ddp", 2, 2), (out / "variable_single", 1, 4)),
+            ("skip", ddp_skip.run_modes, (out / "skip2", modes, 2), (out / "skip1", modes, 1)),
+            ("raise", ddp_skip.run_modes, (out / "skip2", "raise", 2), None),
+            ("few_eval", ddp_skip.run_modes, (out / "skip2", "few_eval", 2), None)]
+
+
+def one_process_runs(todo: list[tuple], logs: Path) -> None:
+    """Each one-process run in a process of its own, one after the other."""
+    failures = []
+    for name, job, args in todo:
+        proc = run_forked(job, *args, logs=logs / f"{name}.single")
+        if proc.returncode:
+            failures.append(f"{name}, one process: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    if failures:
+        sys.exit("\n\n".join(failures))
+
+
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    out = Path(sys.argv[1])
+    logs = out / "logs"
+    for folder in ("ddp", "single", "variable_ddp", "variable_single", "skip2", "skip1", "logs"):
+        (out / folder).mkdir(parents=True)
+    todo = cases(out)
+    single = start_forked(one_process_runs, [(name, job, one) for name, job, _, one in todo if one], logs,
+                          logs=logs / "single")
+    failures = []
+    for name, job, ranks, _ in todo:
+        for rank, proc in enumerate(run_ranks(job, *ranks, world_size=2, logs=logs / name)):
+            if proc.returncode:
+                failures.append(f"{name}, rank {rank}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    one = finished(single, os.waitpid(single, 0)[1], logs / "single")
+    if one.returncode:
+        failures.append(one.stderr[-6000:])
+    if failures:
+        sys.exit("\n\n".join(failures))

@@ -1,4 +1,5 @@
-"""Run by test_ddp.py as its own command (Lightning's `ddp` launcher re-executes this file for rank 1):
+"""The non-finite policy under DDP, run on tests/ddp_run.py's forked ranks (`run_modes`), or as a command of its own
+(Lightning's `ddp` launcher re-executes this file for rank 1):
 
     python tests/ddp_skip.py OUT_DIR MODE[,MODE...] DEVICES
 
@@ -7,9 +8,9 @@ With MODE "skip" every rank must skip that step (no rank waits in an all-reduce 
 rank must stop. MODE "accumulate" (and "accumulate_scaler", float16 with a gradient scaler) accumulates gradients
 over 2 meta-batches for 3 steps with NaNs at batches 2 and 5. Writes OUT_DIR/rank{R}.pt with the steps taken, the
 error and the final weights. MODE "few_eval" asks for validation with fewer evaluation meta-batches than processes,
-which every rank must refuse at setup. Several modes run one after the other in one launch (the imports and the
-process group paid once), each writing OUT_DIR/MODE/rank{R}.pt; "raise" and "few_eval" end the launch (Lightning's
-launcher stops the other ranks after an error), so each goes last.
+which every rank must refuse at setup. Several modes run one after the other in one process (the process group paid
+once), each writing OUT_DIR/MODE/rank{R}.pt; "raise" and "few_eval" end a command's launch (Lightning's launcher stops
+the other ranks after an error), so there each goes last.
 """
 
 import sys
@@ -72,7 +73,11 @@ def run(out: Path, mode: str, devices: int) -> None:
                 "weights": [p.detach().clone() for p in model.parameters()]}, out / f"rank{trainer.global_rank}.pt")
 
 
+def run_modes(out: Path, modes: str, devices: int) -> None:
+    for name in modes.split(","):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        run(out / name, name, devices)
+
+
 if __name__ == "__main__":
-    for name in sys.argv[2].split(","):
-        (Path(sys.argv[1]) / name).mkdir(exist_ok=True)
-        run(Path(sys.argv[1]) / name, name, int(sys.argv[3]))
+    run_modes(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))

@@ -1,4 +1,5 @@
-"""Run by test_variable_training.py as its own command: Lightning's `ddp` launcher re-executes this file for rank 1.
+"""Variable episodes under DDP, run on tests/ddp_run.py's forked ranks for test_variable_training.py, or as a command
+of its own (Lightning's `ddp` launcher re-executes this file for rank 1):
 
     python tests/ddp_variable.py OUT_DIR DEVICES META_BATCH
 

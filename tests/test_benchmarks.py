@@ -79,3 +79,40 @@ def test_every_benchmark_script_imports():
     out = subprocess.run([sys.executable, "-c", code, *scripts], cwd=BENCHMARKS, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_bench_metadataset_writes_real_records_and_both_paths_read_the_same_pixels(tmp_path):
+    """bench_metadataset.py's pieces at a tiny size (its full run needs an idle machine): the trees it writes are
+    Meta-Dataset records the tfrecord package reads back, its index child times both indexers, and our encoded store
+    and the port's path (tfrecord reader + PIL) give the same pixels for the same 84 px record, so their speeds compare
+    like with like."""
+    import io
+
+    import bench_metadataset as bench
+    import numpy as np
+    from PIL import Image
+    from tfrecord.reader import tfrecord_loader
+
+    from lightning_meta.data import MetaDatasetRecords
+
+    tree = tmp_path / "records" / "md84"
+    info = bench.write_trees({tree: (3, 4, False)}, workers=1)[tree]
+    assert info["records"] == 12 and 2000 < info["jpeg_bytes"] < 6000  # a realistic 84 px JPEG, not a solid colour
+    records = [list(tfrecord_loader(str(tree / f"{c}.tfrecords"), None, {"image": "byte", "label": "int"}))
+               for c in range(3)]
+    assert [[int(r["label"][0]) for r in rs] for rs in records] == [[0] * 4, [1] * 4, [2] * 4]
+
+    index = bench.child_index(str(tree), str(tmp_path / "cache"), str(tmp_path / "scratch"), str(tmp_path / "idx"))
+    assert index["records"] == 12 and all(index[k] > 0 for k in ("ours_disk_s", "ours_cached_s", "port_disk_s"))
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["0.index", "1.index", "2.index"]
+
+    ds = MetaDatasetRecords(tree, "train", store="encoded", cache=tmp_path / "cache")
+    for i, record in enumerate(records[1]):  # class 1's records are items 4..7
+        port = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB").resize((84, 84)), dtype=np.int16)
+        assert np.abs(port - ds.images[4 + i].permute(1, 2, 0).numpy()).max() <= 1
+    ours = next(iter(bench.RandomItems(ds, 0)))
+    port = next(iter(bench.PortItems([str(tree / f"{c}.tfrecords") for c in range(3)],
+                                     [str(tmp_path / "idx" / f"{c}.index") for c in range(3)], 0)))
+    assert ours.shape == port.shape == (bench.BATCH, 3, 84, 84) and ours.dtype == port.dtype == torch.uint8
+    memory, (fds, record_files) = bench.memory_mib(), bench.descriptors()
+    assert memory["uss"] > 0 and memory["anon"] > 0 and fds > record_files >= 1  # the port's streams hold their files

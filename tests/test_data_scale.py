@@ -2,13 +2,12 @@
 Hugging Face sources."""
 
 import json
+import multiprocessing
 import os
 import pickle
 import signal
-import subprocess
-import sys
-import textwrap
 import time
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import OMNIGLOT, ROOT, needs_omniglot
+from conftest import OMNIGLOT, needs_omniglot
 from lightning_meta import MAML, EpisodicDataModule, ProtoNet
 from lightning_meta.data import (
     CIFARFS,
@@ -42,9 +41,21 @@ def image_folder(root, classes=4, per_class=6, size=(20, 16), suffix="jpg", seed
     return root
 
 
-def run_python(code, **kwargs):
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+def construct(root, cache, image_size, report=None):
+    """A ClassFolder built in a process of its own (forked: it starts in milliseconds, with the imports done), in a
+    session of its own; what it built into the file ``report``."""
+    os.setsid()
+    torch.set_num_threads(1)  # the parent's OpenMP threads are not in a forked child: a parallel torch op would hang
+    ds = ClassFolder(root, image_size=image_size, cache=cache, decode_workers=1)
+    if report is not None:
+        Path(report).write_text(json.dumps({"built": ds.cache_file.built, "sum": int(ds.images.long().sum()),
+                                            "path": str(ds.cache_file.path)}))
+
+
+def constructing(root, cache, image_size, report=None):
+    process = multiprocessing.get_context("fork").Process(target=construct, args=(root, cache, image_size, report))
+    process.start()
+    return process
 
 
 # ------------------------------------------------------------------------------------------------ the cache
@@ -107,18 +118,15 @@ def test_an_unwritable_cache_folder_is_named_with_the_fix(tmp_path):
 
 def test_two_processes_constructing_at_once_build_one_cache_and_read_equal_images(tmp_path):
     root = image_folder(tmp_path / "data", classes=6, per_class=60, size=(64, 64), suffix="png")
-    code = f"""
-        import json, torch
-        from lightning_meta.data import ClassFolder
-        ds = ClassFolder({str(root)!r}, image_size=32, cache={str(tmp_path / "cache")!r}, decode_workers=1)
-        print(json.dumps({{"built": ds.cache_file.built, "sum": int(ds.images.long().sum()), "path": str(ds.cache_file.path)}}))
-    """
-    procs = [run_python(code) for _ in range(2)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    procs = [constructing(root, tmp_path / "cache", 32, tmp_path / f"built{i}.json") for i in range(2)]
+    try:
+        for p in procs:
+            p.join(timeout=300)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            p.kill()  # (one still running after a failure)
+    results = [json.loads((tmp_path / f"built{i}.json").read_text()) for i in range(2)]
     assert sorted(r["built"] for r in results) == [False, True]
     assert results[0]["sum"] == results[1]["sum"] == int(ClassFolder(root, image_size=32, cache=False).images.long().sum())
     assert results[0]["path"] == results[1]["path"]
@@ -128,17 +136,17 @@ def test_two_processes_constructing_at_once_build_one_cache_and_read_equal_image
 def test_a_build_killed_midway_leaves_no_readable_cache_and_the_next_construction_rebuilds(tmp_path):
     root = image_folder(tmp_path / "data", classes=4, per_class=300, size=(160, 160), suffix="png")
     cache = tmp_path / "cache"
-    proc = run_python(f"""
-        from lightning_meta.data import ClassFolder
-        ClassFolder({str(root)!r}, image_size=24, cache={str(cache)!r}, decode_workers=1)
-    """, start_new_session=True)
+    proc = constructing(root, cache, 24)
     deadline = time.time() + 120
-    while not list(cache.glob("*.tmp")) and time.time() < deadline and proc.poll() is None:
+    while not list(cache.glob("*.tmp")) and time.time() < deadline and proc.is_alive():
         time.sleep(0.01)
-    assert list(cache.glob("*.tmp")), "the build never started"
+    if not list(cache.glob("*.tmp")):
+        proc.kill()
+        pytest.fail("the build never started")
     time.sleep(0.2)  # midway through the decode
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL  # killed, not finished
     assert not list(cache.glob("*.lmcache"))  # nothing that reads as a cache
     rebuilt = ClassFolder(root, image_size=24, cache=cache)
     assert rebuilt.cache_file.built and not list(cache.glob("*.tmp"))  # the killed build's file was cleared

@@ -1,34 +1,15 @@
-"""Real 2-process DDP on CPU (gloo): each case launches `tests/ddp_run.py` as its own command."""
-
-import os
-import subprocess
-import sys
-from pathlib import Path
+"""Real 2-process DDP on CPU (gloo): every case comes from tests/ddp_run.py's one launch (conftest `ddp_runs`), each
+case's two ranks and the one process they must equal forked after one import."""
 
 import pytest
 import torch
 
-from conftest import once_per_run
-
-HERE = Path(__file__).parent
-
-
-CASES = (("ddp", 2, 4), ("single", 1, 8))
-
-
-def launch(folder):
-    for name, devices, batch in CASES:
-        (folder / name).mkdir()
-        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-        proc = subprocess.run([sys.executable, str(HERE / "ddp_run.py"), str(folder / name), str(devices), str(batch)],
-                              capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+CASES = (("ddp", 2), ("single", 1))
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    folder = once_per_run("ddp_runs", tmp_path_factory, launch)  # once, whichever worker runs these tests
-    return {name: [torch.load(folder / name / f"rank{r}.pt") for r in range(devices)] for name, devices, _ in CASES}
+def runs(ddp_runs):
+    return {name: [torch.load(ddp_runs / name / f"rank{r}.pt") for r in range(devices)] for name, devices in CASES}
 
 
 def test_ranks_draw_distinct_episodes_and_together_the_single_process_meta_batch(runs):
@@ -92,31 +73,16 @@ def test_ddp_episode_accuracy_equals_the_single_process_result(runs):
         assert r1["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6)
 
 
-def _skip_run(tmp_path, modes, devices):
-    """``ddp_skip.py`` on ``devices`` processes, the comma-separated ``modes`` one after the other in one launch: each
-    mode's per-rank results."""
-    tmp_path = tmp_path / f"{modes.replace(',', '_')}{devices}"
-    tmp_path.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-    proc = subprocess.run([sys.executable, str(HERE / "ddp_skip.py"), str(tmp_path), modes, str(devices)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {mode: [torch.load(tmp_path / mode / f"rank{r}.pt") for r in range(devices)] for mode in modes.split(",")}
-
-
-SKIP_MODES = "skip,accumulate,accumulate_scaler"
+SKIP_MODES = ("skip", "accumulate", "accumulate_scaler")
 
 
 @pytest.fixture(scope="module")
-def skip_runs(tmp_path_factory):
-    """The modes that train to the end, on 2 processes and on one (a launch each, once per test run)."""
-
-    def launch(folder):
-        for devices in (2, 1):
-            torch.save(_skip_run(folder, SKIP_MODES, devices), folder / f"devices{devices}.pt")
-
-    folder = once_per_run("ddp_skip_runs", tmp_path_factory, launch)
-    return {devices: torch.load(folder / f"devices{devices}.pt") for devices in (2, 1)}
+def skip_runs(ddp_runs):
+    """ddp_skip.py's modes that train to the end, on 2 processes and on one; "raise" and "few_eval" on 2."""
+    load = lambda mode, devices: [torch.load(ddp_runs / f"skip{devices}" / mode / f"rank{r}.pt")  # noqa: E731
+                                  for r in range(devices)]
+    return {2: {mode: load(mode, 2) for mode in (*SKIP_MODES, "raise", "few_eval")},
+            1: {mode: load(mode, 1) for mode in SKIP_MODES}}
 
 
 def test_a_nan_on_one_rank_makes_every_rank_skip_the_meta_batch_as_one_process_does(skip_runs):
@@ -149,14 +115,14 @@ def test_a_skipped_meta_batch_under_gradient_accumulation_is_the_one_process_ski
         assert single["scaler"]["scale"] == 2.0**10  # no overflow here: a skipped step does not halve it
 
 
-def test_a_nan_on_one_rank_stops_every_rank_in_raise_mode(tmp_path):
-    r0, r1 = _skip_run(tmp_path, "raise", 2)["raise"]
+def test_a_nan_on_one_rank_stops_every_rank_in_raise_mode(skip_runs):
+    r0, r1 = skip_runs[2]["raise"]
     assert "is finite here but not on another process at global step 1" in r0["error"]
     assert "is nan at global step 1" in r1["error"]
 
 
-def test_evaluation_with_fewer_meta_batches_than_processes_is_refused_at_setup_on_every_rank(tmp_path):
-    r0, r1 = _skip_run(tmp_path, "few_eval", 2)["few_eval"]
+def test_evaluation_with_fewer_meta_batches_than_processes_is_refused_at_setup_on_every_rank(skip_runs):
+    r0, r1 = skip_runs[2]["few_eval"]
     for r in (r0, r1):
         assert "`val_episodes`=1 in meta-batches of 1 (`eval_meta_batch_size`) gives 1 val meta-batch(es) for 2 " \
                "processes" in r["error"] and "raise `val_episodes` to at least 2" in r["error"]

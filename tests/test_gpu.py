@@ -200,3 +200,78 @@ def test_a_checkpoint_trained_on_cuda_in_16_mixed_predicts_the_same_on_cpu(tmp_p
     model.cpu().eval(), loaded.eval()  # Lightning moves the model back to the CPU after fit
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch), model(batch))
+
+
+# ------------------------------------------------------------------ variable episodes and Meta-Dataset records (#29, #30)
+VARIABLE = dict(min_way=3, max_way=8, max_query=5, max_support=40, max_support_per_class=8)
+RAGGED_LEARNERS = {
+    "protonet": lambda: ProtoNet(Conv4(hidden=32), lr=2e-3),
+    "attention": lambda: AttentionLearner(Conv4(hidden=32), max_way=8, dim=64, depth=2, heads=4, lr=1e-3),
+    "maml": lambda: MAML(Conv4(hidden=32, out_features=8), inner_lr=0.4, lr=2e-3),
+    "maml-vmap": lambda: MAML(Conv4(hidden=32, out_features=8), inner_lr=0.4, task_parallel="vmap", lr=2e-3),
+    "fo-proto-maml": lambda: MAML(Conv4(hidden=32, out_features=8), inner_lr=0.05, first_order=True,
+                                  head_init="prototypes", lr=2e-3),
+}
+
+
+def variable_glyphs(**kw):
+    from lightning_meta.data import VariableEpisodes
+
+    args = dict(train=SyntheticGlyphs("train"), val=SyntheticGlyphs("val"), test=SyntheticGlyphs("test"),
+                n_way=None, n_shot=None, n_query=None, variable_episodes=VariableEpisodes(**VARIABLE),
+                meta_batch_size=4, train_episodes=80, val_episodes=8, test_episodes=40, seed=0)
+    args.update(kw)
+    return EpisodicDataModule(**args)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("name", list(RAGGED_LEARNERS))
+def test_every_ragged_learner_trains_on_variable_episodes_on_cuda_in_each_precision(name, precision):
+    torch.manual_seed(0)
+    model, dm = RAGGED_LEARNERS[name](), variable_glyphs(train_episodes=120)
+    before = trainer(accelerator="cuda", devices=1).test(model, dm, verbose=False)[0]["test/acc"]
+    t = trainer(accelerator="cuda", devices=1, precision=precision, max_epochs=3, limit_val_batches=2)
+    t.fit(model, dm)
+    assert t.strategy.root_device.type == "cuda" and torch.isfinite(t.logged_metrics["train/loss"])
+    res = t.test(model, dm, verbose=False)[0]
+    # 3-8 way (chance 1/3 to 1/8): every learner improves on its untrained self
+    assert res["test/acc"] > before + 0.1, (before, res)
+    assert 0 < res["test/acc_ci95"] < 0.15
+
+
+def test_ragged_maml_meta_gradients_on_cuda_equal_the_cpus():
+    torch.manual_seed(0)
+    model = MAML(Conv4(hidden=16, out_features=8), inner_lr=0.4, inner_steps=2, variable_ways=True)
+    dm = variable_glyphs()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert len(set(batch.ways)) > 1  # the meta-batch mixes ways: several shape groups
+
+    def grads(device):
+        m = copy.deepcopy(model).to(device)
+        loss = m.training_step(batch.to(device), 0)
+        loss.backward()
+        return torch.cat([p.grad.flatten().cpu() for p in m.parameters()])
+
+    cpu = grads("cpu")
+    with no_tf32():
+        cuda = grads("cuda")
+    assert torch.allclose(cuda, cpu, rtol=1e-3, atol=1e-5), (cuda - cpu).abs().max()
+
+
+def test_metadataset_records_feed_a_cuda_fit_through_workers_from_both_stores(tmp_path):
+    from lightning_meta.data import MetaDatasetRecords
+    from lightning_meta.data.datasets.metadataset import solid_jpeg, write_source
+
+    spec = {"__class__": "DatasetSpecification", "name": "toy", "path": "", "file_pattern": "{}.tfrecords",
+            "classes_per_split": {"TRAIN": 40, "VALID": 20, "TEST": 0},
+            "images_per_class": {str(c): 6 + c % 5 for c in range(60)}, "class_names": {str(c): f"c{c}" for c in range(60)}}
+    write_source(tmp_path / "toy", spec, lambda c, i: solid_jpeg(c, i, 28))
+    for store in ("encoded", "decoded"):
+        train = MetaDatasetRecords(tmp_path / "toy", "train", image_size=28, store=store, cache=tmp_path / "c")
+        val = MetaDatasetRecords(tmp_path / "toy", "val", image_size=28, store=store, cache=tmp_path / "c")
+        dm = variable_glyphs(train=train, val=val, test=None, num_workers=4, train_episodes=40)
+        model = ProtoNet(Conv4(in_channels=3, hidden=32), lr=2e-3)
+        t = trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_epochs=1, limit_val_batches=2)
+        t.fit(model, dm)
+        assert torch.isfinite(t.logged_metrics["train/loss"]) and "val/acc" in t.logged_metrics, store

@@ -1,21 +1,15 @@
 """Variable episodes end to end: every learner fits and tests on variable-way, variable-shot episodes from two sources
-in a plain Trainer, with named validation sets and their mean, and under real 2-process DDP (tests/ddp_variable.py)."""
-
-import os
-import subprocess
-import sys
-from pathlib import Path
+in a plain Trainer, with named validation sets and their mean, and under real 2-process DDP (tests/ddp_variable.py, on
+the ranks of the suite's one DDP launch)."""
 
 import pytest
 import torch
 from helpers import blobs, trainer
 
-from conftest import once_per_run
 from lightning_meta import ANIL, MAML, AttentionLearner, EpisodicDataModule, MetaSGD, Pretrainer, ProtoNet, RaggedEpisode
 from lightning_meta.data import VariableEpisodes
 from lightning_meta.models import MLP
 
-HERE = Path(__file__).parent
 RULES = VariableEpisodes(min_way=3, max_way=6, max_query=3, max_support=20, max_support_per_class=5)
 LEARNERS = {
     "protonet": lambda: ProtoNet(MLP(8, (16,)), lr=3e-3),
@@ -77,23 +71,12 @@ def test_the_pretrainer_numbers_classes_across_two_sources_and_validates_on_vari
                                                      abs=1e-6)
 
 
-CASES = (("ddp", 2, 2), ("single", 1, 4))
-
-
-def launch(folder):
-    for name, devices, batch in CASES:
-        (folder / name).mkdir()
-        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-        proc = subprocess.run([sys.executable, str(HERE / "ddp_variable.py"), str(folder / name), str(devices),
-                               str(batch)], capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    folder = once_per_run("ddp_variable_runs", tmp_path_factory, launch)
-    return {name: [torch.load(folder / name / f"rank{r}.pt", weights_only=False) for r in range(devices)]
-            for name, devices, _ in CASES}
+def runs(ddp_runs):
+    """tests/ddp_variable.py on 2 DDP ranks (meta-batches of 2 each) and on one process (4), from the suite's one DDP
+    launch (conftest `ddp_runs`)."""
+    return {name: [torch.load(ddp_runs / f"variable_{name}" / f"rank{r}.pt", weights_only=False) for r in range(n)]
+            for name, n in (("ddp", 2), ("single", 1))}
 
 
 @pytest.mark.parametrize("learner", ["protonet", "protomaml"])

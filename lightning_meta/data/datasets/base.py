@@ -8,7 +8,7 @@ import io
 import zipfile
 from collections.abc import Callable, Sequence, Sized
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Union
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from lightning_meta.data.datasets.cache import (
     open_or_build,
     read_cache,
 )
+from lightning_meta.data.datasets.encoded import EncodedImages, PayloadDecoder, Store, choose_store, pack_files
 
 
 class CachedImageDataset(Dataset):
@@ -43,12 +44,12 @@ class CachedImageDataset(Dataset):
         (1, torch.uint8, 2)
     """
 
-    images: Tensor
+    images: Union[Tensor, EncodedImages]
     labels: Tensor
     class_names: Optional[list[str]]
     cache_file: Optional[CacheFile] = None
 
-    def __init__(self, images: Tensor, labels: Tensor, class_names: Optional[Sequence[str]],
+    def __init__(self, images: Union[Tensor, EncodedImages], labels: Tensor, class_names: Optional[Sequence[str]],
                  cache_file: Optional[CacheFile] = None) -> None:
         self.images, self.labels = images, labels.long()
         self.class_names = list(class_names) if class_names is not None else None
@@ -65,10 +66,18 @@ class CachedImageDataset(Dataset):
         worker they are written straight into shared memory, as PyTorch's own collate does: the batch then reaches the
         main process without a copy, and the worker's heap does not grow by a batch's size at a time (measured: 2 GB
         per worker after 150 meta-batches of 16 tasks without it, flat with it)."""
+        if isinstance(self.images, EncodedImages):  # decoded here, in the worker that builds the episode
+            return self.images.gather(indices)
         out = torch.empty((len(indices), *self.images.shape[1:]), dtype=self.images.dtype)
         if get_worker_info() is not None:
             out.share_memory_()
         return torch.index_select(self.images, 0, indices, out=out)
+
+    @property
+    def store(self) -> str:
+        """``"decoded"`` (one ``uint8`` tensor, mapped from the decoded-image cache or in memory) or ``"encoded"``
+        (:class:`~lightning_meta.data.datasets.encoded.EncodedImages`: decoded when drawn)."""
+        return "encoded" if isinstance(self.images, EncodedImages) else "decoded"
 
     @property
     def num_classes(self) -> int:
@@ -77,7 +86,7 @@ class CachedImageDataset(Dataset):
     def __getstate__(self) -> dict:
         # a cached dataset pickles (DataLoader workers under spawn, ddp_spawn) as its file's name, not its images
         state = dict(self.__dict__)
-        if self.cache_file is not None:
+        if self.cache_file is not None and isinstance(self.images, Tensor):
             state.pop("images", None)
         return state
 
@@ -115,14 +124,20 @@ JPEG_START = b"\xff\xd8\xff"
 
 
 def _open_image(source, mode: str) -> Image.Image:
-    if mode != "RGB" or not isinstance(source, (str, Path)):
+    if isinstance(source, (bytes, bytearray, memoryview)):  # an encoded item's bytes (the encoded store)
+        if mode != "RGB":
+            return Image.open(io.BytesIO(source))
+        data = np.frombuffer(source, dtype=np.uint8)
+    elif mode != "RGB" or not isinstance(source, (str, Path)):
         return Image.open(source)
-    data = np.fromfile(source, dtype=np.uint8)
+    else:
+        data = np.fromfile(source, dtype=np.uint8)
     if data[:3].tobytes() == JPEG_START:
         with contextlib.suppress(ImportError, RuntimeError):  # no torchvision, or a JPEG it refuses: PIL tries
             from torchvision.io import ImageReadMode, decode_jpeg
 
-            return Image.fromarray(decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy())
+            return Image.fromarray(decode_jpeg(torch.from_numpy(data.copy() if not data.flags.writeable else data),
+                                               mode=ImageReadMode.RGB).permute(1, 2, 0).numpy())
     return Image.open(io.BytesIO(data.tobytes()))
 
 
@@ -162,7 +177,7 @@ class FileDecoder:
             archive = self._archives.get(source[0])
             if archive is None:
                 archive = self._archives[source[0]] = zipfile.ZipFile(source[0])
-            image = decode_image(io.BytesIO(archive.read(source[1])), self.name(i), self.size, self.mode)
+            image = decode_image(archive.read(source[1]), self.name(i), self.size, self.mode)
         else:
             image = decode_image(source, self.name(i), self.size, self.mode)
         return 255 - image if self.invert else image
@@ -182,14 +197,38 @@ class FileDecoder:
 
 def load_images(kind: str, decoder: ImageDecoder, cache: CacheArg = True, workers: int | None = None,
                 rows: int | None = None, finish: Callable[[np.ndarray], None] | None = None,
-                options: dict | None = None) -> tuple[Tensor, CacheFile | None]:
-    """The decoded images ``uint8 [rows, C, H, W]`` of ``decoder``'s files (``rows`` defaults to one per file;
-    ``finish`` fills any rows after them), mapped from the decoded-image cache in ``cache``'s folder (built there on
-    first use), or decoded into memory with ``cache=False``."""
+                options: dict | None = None, store: Store = "decoded", decoded_limit: int | None = None,
+                max_open_files: int = 16) -> tuple[Union[Tensor, EncodedImages], CacheFile | None]:
+    """The images ``uint8 [rows, C, H, W]`` of ``decoder``'s files (``rows`` defaults to one per file; ``finish``
+    fills any rows after them).
+
+    ``store="decoded"``: decoded once and mapped from the decoded-image cache in ``cache``'s folder (built there on
+    first use), or decoded into memory with ``cache=False``. ``store="encoded"``: kept encoded and decoded when drawn
+    (:class:`~lightning_meta.data.datasets.encoded.EncodedImages`; image files are copied once into a pack in the cache
+    folder). ``store="auto"``: decoded when its size fits under ``decoded_limit`` (default: half the cache disk's free
+    space and half the memory), else encoded; the choice is logged."""
     n = len(decoder.sources)
     channels = len(Image.new(decoder.mode, (1, 1)).getbands())
+    if decoder.size is None and store != "decoded":
+        raise ValueError(f"{kind}: `store={store!r}` needs `image_size` (the encoded store decodes items when they are "
+                         "drawn, so every item must resize to one known size): pass `image_size`, or "
+                         "`store='decoded'`.")
     size = decoder.size or decoder(0).shape[:2]
     shape = (rows or n, channels, size[0], size[1])
+    store = choose_store(kind, store, shape, cache, decoded_limit)  # type: ignore[assignment]
+    if store == "encoded":
+        if rows is not None and rows != n:
+            raise ValueError(f"{kind} adds images of its own (e.g. rotated copies), which only the decoded store holds: "
+                             "pass `store='decoded'`.")
+        if not isinstance(decoder, PayloadDecoder):
+            if not isinstance(decoder, FileDecoder):
+                raise ValueError(f"{kind} reads its images from {type(decoder).__name__}, which the encoded store does "
+                                 "not keep: pass `store='decoded'`.")
+            items, cache_file = pack_files(kind, decoder.sources, decoder.fingerprint(), decoder.name, cache,
+                                           max_open_files)
+            decoder = PayloadDecoder(items, decoder.size, decoder.mode, decoder.invert)
+            return EncodedImages(decoder, shape), cache_file
+        return EncodedImages(decoder, shape), None
     folder = cache_dir_of(cache)
     if folder is None:
         return torch.from_numpy(decode_all(shape, decoder, n, finish)), None

@@ -9,7 +9,9 @@ downloaded to define a split). Where to get each dataset is in the README ("Data
   600 images (its train and test files together), split 64/16/20 by class and 60/20/20 by super-class respectively.
 
 All of them keep their decoded images in the decoded-image cache (``cache``, ``decode_workers`` as for
-:class:`~lightning_meta.data.ClassFolder`) and give pixels in [0, 1] after the learner's conversion;
+:class:`~lightning_meta.data.ClassFolder`) and give pixels in [0, 1] after the learner's conversion; those read from
+image files (CUB, tieredImageNet's image folders) can keep them encoded instead and decode each item when an episode
+draws it (``store``, ``decoded_limit``, ``max_open_files`` as for :class:`~lightning_meta.data.ClassFolder`);
 :data:`NORMALIZATION` holds the per-dataset mean and std of the published recipes, for a learner's ``normalize=``.
 """
 
@@ -37,7 +39,8 @@ from lightning_meta.data.datasets.base import (
     load_images,
 )
 from lightning_meta.data.datasets.cache import CacheArg, file_fingerprint
-from lightning_meta.data.datasets.folder import ClassFolder, class_files
+from lightning_meta.data.datasets.encoded import EncodedImages, PayloadDecoder, Store, check_store, choose_store
+from lightning_meta.data.datasets.folder import ClassFolder, ImageFileDataset, class_files
 
 SPLITS = ("train", "val", "test")
 CHANNEL_ORDERS = ("rgb", "bgr")
@@ -94,7 +97,8 @@ def cub_split(class_number: int) -> str:
 class CUB(ClassFolder):
     """CUB-200-2011 birds: ``root`` is the extracted ``CUB_200_2011`` folder (``images/001.Black_footed_Albatross/
     ...jpg``); ``split`` keeps Chen et al. (2019)'s 100/50/50 classes (:func:`cub_split` of the folder number). Whole
-    images, resized to ``image_size`` (84 by default).
+    images, resized to ``image_size`` (84 by default); ``store`` (default ``"decoded"``), ``decoded_limit`` and
+    ``max_open_files`` as for :class:`~lightning_meta.data.ClassFolder`.
 
     Example:
         >>> import tempfile
@@ -107,8 +111,10 @@ class CUB(ClassFolder):
     """
 
     def __init__(self, root: Union[str, Path], split: str = "train", image_size: int = 84, cache: CacheArg = True,
-                 decode_workers: Optional[int] = None) -> None:
+                 decode_workers: Optional[int] = None, store: Store = "decoded", decoded_limit: Optional[int] = None,
+                 max_open_files: int = 16) -> None:
         check_choice("split", split, SPLITS)
+        check_store("CUB", store)
         images = Path(root) / "images"
         if not images.is_dir():
             raise ValueError(f"CUB expects the extracted CUB_200_2011 folder as `root`, with an `images/` folder of "
@@ -123,10 +129,11 @@ class CUB(ClassFolder):
                 classes.append(folder)
         if not classes:
             raise ValueError(f"No CUB class folder of the {split} split is in {images}.")
-        super().__init__(images, image_size, "RGB", cache, decode_workers, classes=classes)
+        super().__init__(images, image_size, "RGB", cache, decode_workers, classes=classes, store=store,
+                         decoded_limit=decoded_limit, max_open_files=max_open_files)
 
 
-class TieredImageNet(CachedImageDataset):
+class TieredImageNet(ImageFileDataset):
     """tieredImageNet (Ren et al. 2018). ``root`` holds one of three layouts per split, looked for in this order:
 
     - one image folder per split (``train/<wnid>/*.jpg``, ``val/``, ``test/``): the split is the folder, the class
@@ -139,6 +146,12 @@ class TieredImageNet(CachedImageDataset):
     The ``.npz`` arrays were written by ``cv2`` and hold BGR: ``"bgr"`` gives them as they are (MetaOptNet and RFS
     train on them so; Meta-Baseline reverses them to RGB), and the other layouts reversed to match. It is part of the
     cache key. Per-dataset normalisation constants of the published recipes: :data:`NORMALIZATION`.
+
+    Store: the image folders may be kept encoded (``store="encoded"``: their bytes copied once into a pack, each item
+    decoded when an episode draws it, the same pixels in either channel order) or chosen by size (``"auto"``);
+    ``store``, ``decoded_limit`` and ``max_open_files`` as for :class:`~lightning_meta.data.ClassFolder`. The ``.npz``
+    and ``.pkl`` layouts hold arrays and pickles, which only the decoded store (the default) keeps: ``"auto"`` decodes
+    them, ``"encoded"`` is an error.
 
     Labels: ``label_specific`` (0..C-1 within the split, Ren et al.) is read with its names ``label_specific_str``
     (a list, or a dict keyed by label); ``labels`` (MetaOptNet/RFS, numbering that continues across splits, e.g.
@@ -157,23 +170,39 @@ class TieredImageNet(CachedImageDataset):
     """
 
     def __init__(self, root: Union[str, Path], split: str = "train", image_size: int = 84, cache: CacheArg = True,
-                 decode_workers: Optional[int] = None, channel_order: str = "rgb") -> None:
+                 decode_workers: Optional[int] = None, channel_order: str = "rgb", store: Store = "decoded",
+                 decoded_limit: Optional[int] = None, max_open_files: int = 16) -> None:
         check_choice("split", split, SPLITS)
         check_choice("channel_order", channel_order, CHANNEL_ORDERS)
+        kind = type(self).__name__
+        check_store(kind, store)
         root, size, options = Path(root), _size(image_size), {"split": split, "channel_order": channel_order}
         decoder: ImageDecoder
         if (root / split).is_dir():
             files, label_list, names = _class_folders(root / split)
             decoder = FileDecoder(files, size, "RGB")
-            images, cache_file = load_images(type(self).__name__, _in_order(decoder, "rgb", channel_order), cache,
-                                             decode_workers, options=options)
+            if store == "auto" and size is not None:  # chosen here: the two stores reverse the channels differently
+                store = choose_store(kind, store, (len(files), 3, *size), cache, decoded_limit)  # type: ignore[assignment]
+            if store == "decoded":
+                images, cache_file = load_images(kind, _in_order(decoder, "rgb", channel_order), cache, decode_workers,
+                                                 options=options)
+            else:  # the pack holds the files' bytes, whatever the channel order; items are reversed when decoded
+                images, cache_file = load_images(kind, decoder, cache, store=store, decoded_limit=decoded_limit,
+                                                 max_open_files=max_open_files)
+                if channel_order == "bgr" and isinstance(images, EncodedImages) and size is not None:
+                    images = EncodedImages(_ReversedPayload(images.decoder.items, size, "RGB"), (len(files), 3, *size))
             super().__init__(images, torch.tensor(label_list), names, cache_file)
-            self.files = files
+            self._keep_files(files)
             return
         labels, npz, png = root / f"{split}_labels.pkl", root / f"{split}_images.npz", root / f"{split}_images_png.pkl"
         if not (labels.is_file() and (npz.is_file() or png.is_file())):
             raise ValueError(f"tieredImageNet {split} split not found in {root}: expected the folder {root / split} of "
                              f"class folders, or {labels.name} with {npz.name} or {png.name}.")
+        if store == "encoded":
+            held = npz.name if npz.is_file() else png.name
+            raise ValueError(f"{kind}: the {split} split is read from {held} (arrays in a pickle or an .npz file), which "
+                             "only the decoded store holds: pass `store='decoded'`, or use the image-folder layout "
+                             f"({root / split}/<wnid>/*.jpg) to keep the images encoded.")
         label_ids, names = _tiered_labels(labels, split)
         workers: Optional[int] = decode_workers
         if npz.is_file():  # arrays stored BGR, read in order by one process
@@ -278,6 +307,13 @@ def _tiered_labels(path: Path, split: str) -> tuple[np.ndarray, list[str]]:
 def _in_order(decoder: ImageDecoder, stored: str, wanted: str) -> ImageDecoder:
     """``decoder``, or its images with the channels reversed where they are stored in the other order."""
     return decoder if stored == wanted else _ReverseChannels(decoder)
+
+
+class _ReversedPayload(PayloadDecoder):
+    """The encoded store's decoder with the channels of every image reversed (RGB -> BGR)."""
+
+    def __call__(self, i: int) -> np.ndarray:
+        return super().__call__(i)[:, :, ::-1]
 
 
 class _ReverseChannels:

@@ -44,6 +44,7 @@ ENV = "LIGHTNING_META_CACHE"
 PARALLEL_FROM = 256  # fewer images decode in the calling process (a worker pool costs more than it saves)
 
 CacheArg = Union[bool, str, Path]
+SUFFIXES = (".lmcache", ".lmindex")  # the decoded store's image files; the encoded store's indexes and packs
 log = logging.getLogger("lightning_meta.data")
 
 
@@ -421,7 +422,8 @@ def prune_cache(keep: Any, cache_dir: Optional[Union[str, os.PathLike]] = None, 
     ``cache_file``), :class:`CacheFile` s or paths (or is one of them). On Linux a file that any process has mapped (a
     run in progress, a dataset alive in this process) is kept as well (read from ``/proc/<pid>/maps``, for the
     processes this user may read); elsewhere only ``keep`` protects a file. Nothing but the cache's own files
-    (``*.lmcache``, their temporary and lock files) is touched.
+    (``*.lmcache`` decoded images, ``*.lmindex`` indexes and packs of the encoded store, their temporary and lock
+    files) is touched.
 
     Example:
         >>> import tempfile
@@ -433,11 +435,14 @@ def prune_cache(keep: Any, cache_dir: Optional[Union[str, os.PathLike]] = None, 
     if not single and not hasattr(keep, "__iter__"):
         raise TypeError(f"Expected `keep` to hold datasets, cache files or paths, but got {type(keep).__name__}.")
     kept = set()
+    items = []
     for item in [keep] if single else list(keep):
         if hasattr(item, "cache_file") and not isinstance(item, CacheFile):
-            item = item.cache_file
-            if item is None:  # decoded into memory (cache=False) or built from a tensor
-                continue
+            # a dataset: its decoded images, and the index its records are read through (MetaDatasetRecords)
+            items += [f for f in (item.cache_file, getattr(item, "index_file", None)) if f is not None]
+        else:  # a CacheFile or a path (a dataset decoded into memory or built from a tensor has none)
+            items.append(item)
+    for item in items:
         if isinstance(item, CacheFile):
             item = item.path
         if not isinstance(item, (str, os.PathLike)):
@@ -446,14 +451,15 @@ def prune_cache(keep: Any, cache_dir: Optional[Union[str, os.PathLike]] = None, 
     if not folder.is_dir():
         return []
     in_use = kept | _mapped_cache_files()
-    removed = [p for p in sorted(folder.glob("*.lmcache")) if os.path.realpath(p) not in in_use]
-    for lock in sorted(folder.glob("*.lmcache.lock")):  # left by a killed build, or by an older version
+    removed = [p for suffix in SUFFIXES for p in sorted(folder.glob(f"*{suffix}")) if os.path.realpath(p) not in in_use]
+    # locks left by a killed build, or by an older version
+    for lock in sorted(p for suffix in SUFFIXES for p in folder.glob(f"*{suffix}.lock")):
         with _lock_if_free(lock) as free:
             if free:
                 removed.append(lock)
                 if not dry_run:
                     lock.unlink(missing_ok=True)  # while locked, as _locked does
-    for tmp in sorted(folder.glob("*.lmcache.*.tmp")):
+    for tmp in sorted(p for suffix in SUFFIXES for p in folder.glob(f"*{suffix}.*.tmp")):
         with _lock_if_free(folder / (tmp.name.rsplit(".", 2)[0] + ".lock")) as free:
             if free:  # no build holds the lock of its cache: a killed one wrote it
                 removed.append(tmp)
@@ -491,6 +497,6 @@ def _mapped_cache_files() -> set[str]:
     for maps in Path("/proc").glob("[0-9]*/maps"):
         with contextlib.suppress(OSError):
             for line in maps.read_text().splitlines():
-                if line.endswith(".lmcache"):
+                if line.endswith(SUFFIXES):
                     found.add(line.split(None, 5)[-1])
     return found

@@ -11,9 +11,31 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_meta.data.datasets.base import CachedImageDataset, FileDecoder, _size, is_image, load_images
 from lightning_meta.data.datasets.cache import CacheArg
+from lightning_meta.data.datasets.encoded import EncodedImages, Store, check_store
 
 
-class ClassFolder(CachedImageDataset):
+class ImageFileDataset(CachedImageDataset):
+    """A :class:`CachedImageDataset` read from image files, with ``files``: the file behind each item, in item order.
+    The decoded store keeps the list made at construction (its images fit in memory, so do their paths); the encoded
+    store, for folders of millions of files, keeps no list of paths in the dataset (nor in each DataLoader worker it is
+    copied to): ``files`` reads them from the pack, a new list each time it is asked for."""
+
+    _files: Optional[list[str]] = None
+
+    @property
+    def files(self) -> list[str]:
+        if isinstance(self.images, EncodedImages):
+            return self.images.decoder.items.names()
+        if self._files is None:
+            raise AttributeError(f"{type(self).__name__} read its images from arrays, not image files: it has no "
+                                 "`files`.")
+        return self._files
+
+    def _keep_files(self, files: list[str]) -> None:
+        self._files = None if isinstance(self.images, EncodedImages) else files
+
+
+class ClassFolder(ImageFileDataset):
     """Every sub-folder of ``root`` is a class; every image file inside it is an item (decoded once per machine).
 
     Args:
@@ -26,6 +48,16 @@ class ClassFolder(CachedImageDataset):
             decode into this process's memory (tiny data).
         decode_workers: processes that decode a new cache (default: every core this process may use).
         classes: keep only these class folders (names), e.g. one split of a benchmark; ``None`` keeps all.
+        store: ``"decoded"`` (default) decodes every image once into the decoded-image cache (one memory-mapped
+            ``uint8`` file per machine: the fastest sampling); ``"encoded"`` copies the image files' bytes once into
+            one *pack* in the cache folder (one file, one descriptor, whatever the number of images) and decodes each
+            item when an episode draws it, in the DataLoader workers, with the same decoder and resize (the same
+            pixels; for folders too big to decode whole, e.g. ImageNet-21k); ``"auto"`` decodes when the decoded size
+            ``n x C x H x W`` bytes fits under ``decoded_limit``, else keeps the images encoded, and logs its choice.
+            ``"encoded"`` needs ``image_size`` and a cache folder, ``"auto"`` ``image_size``.
+        decoded_limit: bytes, for ``store="auto"``; default: half the free space of the cache's disk and half the
+            memory, the smaller.
+        max_open_files: the files a process keeps open at once for the encoded store (it reads with ``pread``).
 
     Class names are ``<root name>/<class folder>``'s folder part, so two ``ClassFolder`` splits with a class folder of
     the same name are reported as overlapping.
@@ -45,8 +77,10 @@ class ClassFolder(CachedImageDataset):
 
     def __init__(self, root: Union[str, Path], image_size: Optional[Union[int, tuple[int, int]]] = None,
                  mode: str = "RGB", cache: CacheArg = True, decode_workers: Optional[int] = None,
-                 classes: Optional[Sequence[str]] = None) -> None:
+                 classes: Optional[Sequence[str]] = None, store: Store = "decoded",
+                 decoded_limit: Optional[int] = None, max_open_files: int = 16) -> None:
         root = Path(root)
+        check_store(type(self).__name__, store)
         if not root.is_dir():
             raise ValueError(f"ClassFolder root {root} does not exist or is not a folder: it should hold one folder "
                              "per class.")
@@ -61,10 +95,11 @@ class ClassFolder(CachedImageDataset):
                                  f"{', '.join(missing[:3])}): is `root` the dataset's image folder, and is it whole?")
             folders = [p for p in folders if p.name in set(classes)]
         files, labels = class_files(type(self).__name__, root, folders)
-        decoded, cache_file = load_images(type(self).__name__, FileDecoder(files, _size(image_size), mode), cache,
-                                          decode_workers)
-        super().__init__(decoded, torch.tensor(labels), [p.name for p in folders], cache_file)
-        self.files = files
+        images, cache_file = load_images(type(self).__name__, FileDecoder(files, _size(image_size), mode), cache,
+                                         decode_workers, store=store, decoded_limit=decoded_limit,
+                                         max_open_files=max_open_files)
+        super().__init__(images, torch.tensor(labels), [p.name for p in folders], cache_file)
+        self._keep_files(files)
 
 
 def class_files(kind: str, root: Path, folders: Sequence[Path]) -> tuple[list[str], list[int]]:

@@ -9,16 +9,20 @@ from typing import Optional, Union
 import torch
 
 from lightning_meta._checks import check_choice
-from lightning_meta.data.datasets.base import CachedImageDataset, FileDecoder, _size, load_images
+from lightning_meta.data.datasets.base import FileDecoder, _size, load_images
 from lightning_meta.data.datasets.cache import CacheArg
+from lightning_meta.data.datasets.encoded import Store, check_store
+from lightning_meta.data.datasets.folder import ImageFileDataset
 
 SPLITS = ("train", "val", "test")
 
 
-class MiniImageNet(CachedImageDataset):
+class MiniImageNet(ImageFileDataset):
     """The standard csv splits over an images folder: ``root/{train,val,test}.csv`` (``filename,label`` rows) and
     ``root/images/<filename>``. Images are resized to ``image_size`` (84 in the papers) and kept as uint8 RGB in the
-    decoded-image cache (``cache`` and ``decode_workers`` as for :class:`ClassFolder`).
+    decoded-image cache (``cache`` and ``decode_workers`` as for :class:`ClassFolder`); ``store="encoded"`` keeps them
+    encoded in a pack and decodes each item when an episode draws it, ``"auto"`` picks by size (``store``,
+    ``decoded_limit`` and ``max_open_files`` as for :class:`ClassFolder`).
 
     Example:
         >>> import tempfile
@@ -36,9 +40,11 @@ class MiniImageNet(CachedImageDataset):
     """
 
     def __init__(self, root: Union[str, Path], split: str = "train", image_size: int = 84, cache: CacheArg = True,
-                 decode_workers: Optional[int] = None) -> None:
+                 decode_workers: Optional[int] = None, store: Store = "decoded", decoded_limit: Optional[int] = None,
+                 max_open_files: int = 16) -> None:
         root = Path(root)
         check_choice("split", split, SPLITS)
+        check_store("MiniImageNet", store)
         table = root / f"{split}.csv"
         if not table.is_file():
             raise ValueError(
@@ -71,6 +77,7 @@ class MiniImageNet(CachedImageDataset):
             files.append(str(path))
         labels = torch.tensor([index[label] for _, label in rows])
         images, cache_file = load_images("MiniImageNet", FileDecoder(files, _size(image_size), "RGB"), cache,
-                                         decode_workers)
+                                         decode_workers, store=store, decoded_limit=decoded_limit,
+                                         max_open_files=max_open_files)
         super().__init__(images, labels, names, cache_file)
-        self.files = files
+        self._keep_files(files)

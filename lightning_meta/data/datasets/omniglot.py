@@ -18,6 +18,7 @@ import torch
 from lightning_meta._checks import check_choice
 from lightning_meta.data.datasets.base import CachedImageDataset, FileDecoder, _size, load_images
 from lightning_meta.data.datasets.cache import CacheArg
+from lightning_meta.data.datasets.encoded import Store, check_store
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 # md5 of the authors' zips
@@ -80,6 +81,10 @@ class Omniglot(CachedImageDataset):
             before any process reads the images, and a dataset used on its own loads on first use.
         cache, decode_workers: the decoded-image cache, as for :class:`~lightning_meta.data.ClassFolder` (rotated
             copies are part of the cached images).
+        store, decoded_limit, max_open_files: as for :class:`~lightning_meta.data.ClassFolder` (default
+            ``"decoded"``): ``"encoded"`` copies the images' bytes once out of the zips into a pack and decodes each
+            item when drawn; rotated copies are images of their own, which only the decoded store holds, so
+            ``rotations`` other than ``(0,)`` need ``store="decoded"`` (``"auto"`` then decodes).
 
     Example (on the project's copy of the authors' data when it is there; a user's clone has none):
         >>> from pathlib import Path
@@ -105,8 +110,12 @@ class Omniglot(CachedImageDataset):
         url: str = OFFICIAL_URL,
         cache: CacheArg = True,
         decode_workers: Optional[int] = None,
+        store: Store = "decoded",
+        decoded_limit: Optional[int] = None,
+        max_open_files: int = 16,
     ) -> None:
         root = Path(root)
+        check_store("Omniglot", store)
         if isinstance(subsets, str):
             subsets = [subsets]
         unknown = [s for s in subsets if s not in CHECKSUMS]
@@ -115,6 +124,12 @@ class Omniglot(CachedImageDataset):
         bad_rot = [r for r in rotations if r not in (0, 90, 180, 270)]
         if bad_rot or not rotations:
             raise ValueError(f"Expected `rotations` to be a non-empty subset of (0, 90, 180, 270), but got {rotations}.")
+        if tuple(rotations) != (0,):
+            if store == "encoded":
+                raise ValueError(f"Omniglot: `rotations={tuple(rotations)}` adds a rotated copy of every image, which "
+                                 "only the decoded store holds: pass `store='decoded'`, or `rotations=(0,)` to keep "
+                                 "the images encoded.")
+            store = "decoded"  # "auto" too: Omniglot decoded is small (32,460 images of 28x28 bytes per rotation)
         if split is not None:
             check_choice("split", split, SPLITS)
         if len(split_fractions) != 3 or min(split_fractions) < 0 or abs(sum(split_fractions) - 1) > 1e-6:
@@ -123,7 +138,8 @@ class Omniglot(CachedImageDataset):
         self._source = dict(root=root, subsets=list(subsets), alphabets=alphabets, size=_size(image_size),
                             rotations=tuple(rotations), split=split, split_fractions=split_fractions,
                             split_seed=split_seed, url=url if download else None, cache=cache,
-                            decode_workers=decode_workers)
+                            decode_workers=decode_workers, store=store, decoded_limit=decoded_limit,
+                            max_open_files=max_open_files)
         if not download:
             self.setup()
 
@@ -163,7 +179,7 @@ class Omniglot(CachedImageDataset):
 
 
 def _read(root: Path, subsets: Sequence[str], alphabets, size, rotations, split, split_fractions, split_seed, cache,
-          decode_workers):
+          decode_workers, store, decoded_limit, max_open_files):
     """The selected characters: ``(images uint8 [n, 1, S, S], labels [n], class names, file names, cache file)``."""
     characters: dict[str, list[tuple[str, str | tuple[str, str]]]] = {}
     for subset in subsets:
@@ -197,7 +213,8 @@ def _read(root: Path, subsets: Sequence[str], alphabets, size, rotations, split,
             images[r * n : (r + 1) * n] = np.rot90(drawn, k=degrees // 90, axes=(2, 3))
 
     images, cache_file = load_images("Omniglot", FileDecoder(sources, size, "L", invert=True), cache, decode_workers,
-                                     rows=n * len(rotations), finish=rotate, options={"rotations": list(rotations)})
+                                     rows=n * len(rotations), finish=rotate, options={"rotations": list(rotations)},
+                                     store=store, decoded_limit=decoded_limit, max_open_files=max_open_files)
     base_labels = torch.tensor(labels)
     all_labels = torch.cat([base_labels * len(rotations) + r for r in range(len(rotations))])
     class_names = [f"{key}/rot{degrees}" for key in keys for degrees in rotations]
