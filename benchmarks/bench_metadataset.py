@@ -567,7 +567,8 @@ def report(args: argparse.Namespace, root: Path, command: str) -> None:
             f"{info[dec]['records'] * 3 * SIDE * SIDE / 2**30:.1f} GiB; sampling speed does not depend on the record "
             "count). The port's path: `tfrecord.reader.tfrecord_loader` per class file with its `.index` file (built "
             "above by `tfrecord2idx`), PIL `Image.open(BytesIO).convert('RGB').resize((84, 84))` (bicubic; ours: "
-            "Lanczos, no CRC check there, CRC + label check in ours).", "",
+            "Lanczos, after libjpeg's 1/2-1/8 scaling for JPEGs 4x the target or more; no CRC check there, CRC + "
+            "label check in ours).", "",
             "| tree | path | workers | items/s | items/s per core | per core vs port | variable episodes/s | "
             "images per episode |", "|---|---|--:|--:|--:|--:|--:|--:|"]
     checks = []

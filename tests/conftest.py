@@ -82,7 +82,9 @@ def ddp_runs(tmp_path_factory) -> Path:
 @pytest.fixture
 def one_wandb_run_at_a_time(tmp_path_factory):
     """W&B runs written by two test processes at once (pytest-xdist workers) left one offline run file empty (its
-    7-byte header) about one time in eight here, never in one process: the tests that write W&B runs take turns."""
+    7-byte header) about one time in eight here, never in one process: the tests that write W&B runs take turns. (A
+    loaded CI machine once read a run's file before wandb's service had flushed it, with the tests taking turns: the
+    tests that read a run file wait for its exit record, wandb_reader.finished_run.)"""
     with exclusive("wandb", tmp_path_factory):
         yield
 

@@ -10,7 +10,9 @@ they must equal, each a process of its own. Each case writes OUT_DIR/CASE/rank{R
   DDP's all-reduce), the validation metrics and the smallest top-2 logit gap of its validation queries (meta-batches
   of 4 per rank, and 8);
 - variable_ddp, variable_single: ddp_variable.py's variable episodes (meta-batches of 2 per rank, and 4);
-- skip2/MODE, skip1/MODE: ddp_skip.py's non-finite policy ("raise" and "few_eval" on 2 ranks only).
+- skip2/MODE, skip1/MODE: ddp_skip.py's non-finite policy ("raise" and "few_eval" on 2 ranks only);
+- metadataset: ddp_metadataset.py, both ranks opening one Meta-Dataset source (written first, in md_tree) with one
+  cache folder (md_cache) at once, in both stores, and training on its encoded store (2 ranks only).
 
 OUT_DIR/logs holds every process's output; the command fails, with the failures' stderr, when any process fails.
 """
@@ -23,6 +25,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import ddp_metadataset  # noqa: E402
 import ddp_skip  # noqa: E402
 import ddp_variable  # noqa: E402
 from forking import finished, run_forked, run_ranks, start_forked  # noqa: E402
@@ -89,7 +92,8 @@ def cases(out: Path) -> list[tuple]:
             ("variable", ddp_variable.run, (out / "variable_ddp", 2, 2), (out / "variable_single", 1, 4)),
             ("skip", ddp_skip.run_modes, (out / "skip2", modes, 2), (out / "skip1", modes, 1)),
             ("raise", ddp_skip.run_modes, (out / "skip2", "raise", 2), None),
-            ("few_eval", ddp_skip.run_modes, (out / "skip2", "few_eval", 2), None)]
+            ("few_eval", ddp_skip.run_modes, (out / "skip2", "few_eval", 2), None),
+            ("metadataset", ddp_metadataset.run, (out / "md_tree", out / "md_cache", out / "metadataset"), None)]
 
 
 def one_process_runs(todo: list[tuple], logs: Path) -> None:
@@ -106,8 +110,9 @@ def one_process_runs(todo: list[tuple], logs: Path) -> None:
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     logs = out / "logs"
-    for folder in ("ddp", "single", "variable_ddp", "variable_single", "skip2", "skip1", "logs"):
+    for folder in ("ddp", "single", "variable_ddp", "variable_single", "skip2", "skip1", "metadataset", "logs"):
         (out / folder).mkdir(parents=True)
+    ddp_metadataset.write(out / "md_tree")
     todo = cases(out)
     single = start_forked(one_process_runs, [(name, job, one) for name, job, _, one in todo if one], logs,
                           logs=logs / "single")

@@ -40,3 +40,18 @@ def fabricate(root: Path, name: str, per_class: int = 4, size: int = 8) -> Path:
     if not (folder / "dataset_spec.json").exists():
         write_source(folder, shrunk_spec(name, per_class), lambda c, i: solid_jpeg(c, i, size))
     return folder
+
+
+def flat_spec(name, counts, splits=None, pattern="{}.tfrecords"):
+    """A DatasetSpecification as the reference's ``to_dict`` writes it: ``counts[c]`` images of class ``c`` (an int or
+    ``{pool: count}``), ``splits`` classes for TRAIN, VALID, TEST (default: all train)."""
+    train, val, test = splits or (len(counts), 0, 0)
+    return {"__class__": "DatasetSpecification", "name": name,
+            "classes_per_split": {"TRAIN": train, "VALID": val, "TEST": test},
+            "images_per_class": {str(c): n for c, n in enumerate(counts)},
+            "class_names": {str(c): f"class{c}" for c in range(len(counts))}, "path": "", "file_pattern": pattern}
+
+
+def small_source(root, counts=(3, 3, 3), size=8):
+    write_source(root, flat_spec("tiny", list(counts)), lambda c, i: solid_jpeg(c, i, size))
+    return root

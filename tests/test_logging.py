@@ -60,7 +60,7 @@ def test_protonet_gets_a_shots_curve_without_inner_steps(tmp_path):
 def test_wandb_offline_run_holds_hyperparameters_metrics_images_and_the_checkpoint(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
-    from wandb_reader import artifacts, config, history
+    from wandb_reader import artifacts, config, finished_run, history
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     # WandbLogger(offline=True) refuses log_model; WANDB_MODE=offline keeps the run on disk and still records artifacts
@@ -72,7 +72,7 @@ def test_wandb_offline_run_holds_hyperparameters_metrics_images_and_the_checkpoi
     trainer.test(model, glyph_data(), verbose=False)
     test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     logger.experiment.finish()  # this run, written to disk completely, whatever else this process runs
-    run_file = next(tmp_path.rglob("run-*.wandb"))
+    run_file = finished_run(tmp_path)  # finish() may return before the service has flushed the file
     rows = history(run_file)
     logged = {k: v for row in rows for k, v in row.items()}
     for key in ("val/acc", "val/acc_ci95", "val/loss", "train/loss", "train/acc", "test/acc", "test/acc_ci95"):

@@ -13,14 +13,17 @@ import logging
 import os
 import pickle
 import re
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from helpers import FakeTrainer
-from mdtrees import SPECS, fabricate, real_spec, shrunk_spec
+from mdtrees import SPECS, fabricate, flat_spec, real_spec, shrunk_spec, small_source
 from PIL import Image
 from tfrecord.reader import tfrecord_loader
 from tfrecord.writer import TFRecordWriter
@@ -34,21 +37,6 @@ from lightning_meta.data.datasets.tfrecord import encode_example, parse_example,
 needs_specs = pytest.mark.skipif(not (SPECS / "ilsvrc_2012_dataset_spec.json").is_file(),
                                  reason=f"the reference's spec files not found in {SPECS} (the project's shared/ folder)")
 TOLERANCE = 3  # JPEG's error on a solid colour, in grey levels
-
-
-def flat_spec(name, counts, splits=None, pattern="{}.tfrecords"):
-    """A DatasetSpecification as the reference's ``to_dict`` writes it: ``counts[c]`` images of class ``c`` (an int or
-    ``{pool: count}``), ``splits`` classes for TRAIN, VALID, TEST (default: all train)."""
-    train, val, test = splits or (len(counts), 0, 0)
-    return {"__class__": "DatasetSpecification", "name": name,
-            "classes_per_split": {"TRAIN": train, "VALID": val, "TEST": test},
-            "images_per_class": {str(c): n for c, n in enumerate(counts)},
-            "class_names": {str(c): f"class{c}" for c in range(len(counts))}, "path": "", "file_pattern": pattern}
-
-
-def small_source(root, counts=(3, 3, 3), size=8):
-    write_source(root, flat_spec("tiny", list(counts)), lambda c, i: solid_jpeg(c, i, size))
-    return root
 
 
 def expected_colours(ds):
@@ -278,9 +266,22 @@ def noise_image(c, i, fmt, size=(12, 10)):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_the_decoded_and_encoded_stores_give_the_same_pixels(tmp_path, fmt):
-    write_source(tmp_path, flat_spec("noise", [3, 4, 2]), lambda c, i: noise_image(c, i, fmt))
+def smooth_jpeg(c, i, size):
+    """A JPEG photo-like enough to resize: smooth waves whose phase says which record it is."""
+    h, w = size[::-1]
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    rgb = [np.sin(6 * x + c) + np.cos(5 * y + i), np.sin(4 * (x + y) + i), np.cos(7 * x * y + c)]
+    image = np.stack([(127.5 + 60 * ch) for ch in rgb], -1).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, size", [("JPEG", (12, 10)), ("PNG", (12, 10)), ("JPEG", (8, 8)), ("JPEG", (40, 36))],
+                         ids=["jpeg", "png", "jpeg_at_its_size", "jpeg_5x"])
+def test_the_decoded_and_encoded_stores_give_the_same_pixels(tmp_path, fmt, size):
+    make = smooth_jpeg if size == (40, 36) else (lambda c, i, size: noise_image(c, i, fmt, size))
+    write_source(tmp_path, flat_spec("noise", [3, 4, 2]), lambda c, i: make(c, i, size))
     decoded, encoded = (MetaDatasetRecords(tmp_path, "train", image_size=8, store=store, cache=tmp_path / "c")
                         for store in ("decoded", "encoded"))
     assert (decoded.store, encoded.store) == ("decoded", "encoded")
@@ -290,10 +291,19 @@ def test_the_decoded_and_encoded_stores_give_the_same_pixels(tmp_path, fmt):
     assert torch.equal(encoded.gather(torch.tensor([8, 0, 8])), a[[8, 0, 8]])
     image, label = encoded[4]
     assert label == 1 and torch.equal(image, a[4].float() / 255)
-    if fmt == "PNG":  # the record's own image, resized as the reference would: Lanczos, then RGB
+    # the record's own image as PIL decodes it at full size, then Lanczos to 8 px (PNG: grey, read as RGB)
+    reference = np.array(Image.open(io.BytesIO(make(1, 2, size))).convert("RGB").resize((8, 8), Image.LANCZOS))
+    reference = torch.from_numpy(reference).permute(2, 0, 1)
+    if fmt == "PNG":
         assert torch.equal(a[:, 0], a[:, 1]) and torch.equal(a[:, 0], a[:, 2])
-        expected = Image.open(io.BytesIO(noise_image(1, 2, fmt))).convert("RGB").resize((8, 8), Image.LANCZOS)
-        assert torch.equal(a[5], torch.from_numpy(np.array(expected)).permute(2, 0, 1))
+    if size != (40, 36):  # PNG, JPEGs resized from 12x10, and at their own size (libjpeg-turbo's own pixels): equal
+        assert torch.equal(a[5], reference)
+    else:  # 5x the target: libjpeg decodes at 1/2 scale first (still 2x the target), then Lanczos: near, not equal
+        # (here every image's mean difference is 0.27-0.43 grey levels, max 2; at 1/4 scale, a gap of 1, 0.65-0.82)
+        for k, (c, i) in enumerate([(c, i) for c, n in enumerate([3, 4, 2]) for i in range(n)]):
+            full = Image.open(io.BytesIO(make(c, i, size))).convert("RGB").resize((8, 8), Image.LANCZOS)
+            diff = (a[k].int() - torch.from_numpy(np.array(full)).permute(2, 0, 1).int()).abs()
+            assert 0 < diff.float().mean() < 0.6 and diff.max() <= 4, (k, diff.float().mean(), diff.max())
 
 
 # ---------------------------------------------------------------- 5. damage: named, never skipped
@@ -378,6 +388,43 @@ def test_a_record_whose_label_is_not_its_files_class_is_named(tmp_path):
         MetaDatasetRecords(tmp_path / "src", image_size=8, store="decoded", cache=tmp_path / "c")
 
 
+def _field(number, payload):  # a length-delimited protobuf field (payloads under 128 bytes)
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+@pytest.mark.parametrize("feature, what", [
+    (_field(2, b"\x0d\x00\x00"), "field 1 is a 4-byte value cut off by the end of its message"),  # FloatList, short
+    (b"\x08\x01", "a Feature's field 1 is not a list"),  # a varint where BytesList belongs
+], ids=["short_float", "feature_not_a_list"])
+def test_a_record_whose_example_is_malformed_is_named_with_its_offset(tmp_path, feature, what):
+    small_source(tmp_path / "src")
+    path = tmp_path / "src" / "2.tfrecords"
+    bad = _field(1, _field(1, _field(1, b"image") + _field(2, feature)))  # Example{Features{entry{"image": feature}}}
+    write_tfrecord(path, [encode_example({"image": [solid_jpeg(2, 0)], "label": [2]}), bad,
+                          encode_example({"image": [solid_jpeg(2, 2)], "label": [2]})])
+    starts, _, _ = frames(path)
+    ds = MetaDatasetRecords(tmp_path / "src", image_size=8, store="encoded", cache=tmp_path / "c")
+    with pytest.raises(ValueError, match=re.escape(f"{path} is damaged at the record whose frame starts at byte "
+                                                   f"{starts[1]}: its data is not a tf.train.Example ({what}")):
+        ds.gather(torch.tensor([7]))
+
+
+def test_a_pure_python_crc32c_is_named_with_its_fix_when_the_reader_loads(monkeypatch):
+    import importlib
+
+    import google_crc32c
+
+    import lightning_meta.data.datasets.tfrecord as reader
+
+    monkeypatch.setattr(google_crc32c, "implementation", "python")  # as on a platform without a built wheel
+    try:
+        with pytest.warns(RuntimeWarning, match=r"pure-Python fallback.*~300x slower.*pip install --force-reinstall"):
+            importlib.reload(reader)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(reader)
+
+
 def test_a_malformed_spec_and_a_folder_without_one_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"holds no dataset_spec.json: pass the folder of one Meta-Dataset source"):
         MetaDatasetRecords(tmp_path, image_size=8, cache=tmp_path / "c")
@@ -417,10 +464,38 @@ def test_the_encoded_store_keeps_few_files_open_however_many_classes(tmp_path):
     if proc:
         # +1: the index file's mapping (Python's mmap keeps a duplicate of the descriptor it maps)
         assert len(os.listdir("/proc/self/fd")) - before <= 8 + 1
+    if proc:  # a forked DataLoader worker closes its copies of the parent's 8 and opens at most 8 of its own
+        worker = torch.utils.data.DataLoader(_RecordFdsAfterGather(ds), batch_size=None, num_workers=1)
+        assert [list(pair) for pair in worker] == [[8, 8]]
+        assert record_fds() == 8  # the parent's own are untouched
+        del worker
     del ds
     gc.collect()
     if proc:
         assert len(os.listdir("/proc/self/fd")) <= before  # closed with the dataset
+
+
+def record_fds():
+    """How many descriptors of this process are open on .tfrecords files."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").endswith(".tfrecords")
+        except OSError:
+            pass
+    return count
+
+
+class _RecordFdsAfterGather(torch.utils.data.Dataset):
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        self.ds.gather(torch.arange(len(self.ds)))
+        return record_fds(), self.ds.open_files
 
 
 # ---------------------------------------------------------------- 7. one cache, built once
@@ -457,6 +532,63 @@ def test_the_index_and_decoded_cache_are_built_once_and_a_rewritten_class_file_g
     assert {p.name for p in cache.iterdir()} == {changed.cache_file.path.name, changed.index_file.path.name}
     assert prune_cache([changed], cache) == []
     assert MetaDatasetRecords(src, image_size=8, store="encoded", cache=cache).index_file.built is False
+
+
+def test_without_a_cache_folder_one_process_keeps_its_indexes_in_one_temporary_folder_removed_at_exit(tmp_path):
+    src = small_source(tmp_path / "src")
+    script = (
+        "import sys, torch\n"
+        "from lightning_meta.data import MetaDatasetRecords\n"
+        "sets = [MetaDatasetRecords(sys.argv[1], image_size=8, store='encoded', cache=False) for _ in range(3)]\n"
+        "assert all(torch.equal(s.gather(torch.arange(9)), sets[0].gather(torch.arange(9))) for s in sets)\n"
+        "print('\\n'.join(str(s.index_file.path) for s in sets))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(src)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    paths = [Path(line) for line in out.stdout.split()]
+    assert len(paths) == 3 and len({p.parent for p in paths}) == 1 and paths[0].parent.parent == tmp_path
+    assert not paths[0].parent.exists(), "the process's temporary index folder outlived it"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_two_ddp_ranks_opening_a_source_at_once_build_each_cache_file_once_and_train_on_other_episodes(ddp_runs):
+    """tests/ddp_metadataset.py on 2 forked DDP ranks (gloo): one index and one decoded cache for the machine, built
+    by one rank while the other waited and mapped it; each rank's stores agree; the ranks draw their own episodes."""
+    ranks = [torch.load(ddp_runs / "metadataset" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["paths"] == ranks[1]["paths"]
+    assert ranks[0]["paths"]["index"] == ranks[0]["paths"]["decoded_index"]  # one index serves both stores
+    index_builds = [r["built"]["encoded_index"] + r["built"]["decoded_index"] for r in ranks]
+    assert sum(index_builds) == 1, f"the index was built {sum(index_builds)} times"
+    assert sum(r["built"]["decoded_cache"] for r in ranks) == 1
+    # the other rank started before the builder had finished decoding (about 1,100 images): it waited for the file
+    # instead of building its own (the ranks pass a barrier first; the index takes milliseconds, too few to be sure)
+    cache_builder = [r["built"]["decoded_cache"] for r in ranks].index(True)
+    assert ranks[1 - cache_builder]["times"]["cache"][0] < ranks[cache_builder]["times"]["cache"][1]
+    cache = ddp_runs / "md_cache"
+    assert sorted(p.suffix for p in cache.iterdir()) == [".lmcache", ".lmindex"], sorted(cache.iterdir())
+    assert all(r["same_pixels"] for r in ranks)
+    steps = [r["batches"] for r in ranks]
+    assert len(steps[0]) == len(steps[1]) == 2
+    for (x0, _, _), (x1, _, _) in zip(*steps):
+        assert x0.shape != x1.shape or not torch.equal(x0, x1), "both ranks drew the same episode"
+
+
+def test_a_decoded_source_in_memory_pickles_whole_and_a_relative_root_survives_a_chdir(tmp_path, monkeypatch):
+    src = small_source(tmp_path / "src")
+    in_memory = MetaDatasetRecords(src, image_size=8, store="decoded", cache=False)
+    copy = pickle.loads(pickle.dumps(in_memory))  # (spawned workers, ddp_spawn): the images travel, no file to map
+    assert torch.equal(copy.gather(torch.arange(9)), in_memory.gather(torch.arange(9)))
+    monkeypatch.chdir(tmp_path)
+    relative = MetaDatasetRecords("src", image_size=8, store="encoded", cache=tmp_path / "c")
+    absolute = MetaDatasetRecords(src, image_size=8, store="encoded", cache=tmp_path / "c")
+    assert relative.index_file.path == absolute.index_file.path and not absolute.index_file.built
+    moved = pickle.loads(pickle.dumps(relative))
+    monkeypatch.chdir(tmp_path / "c")  # a later working folder (a notebook, Hydra, a worker started elsewhere)
+    assert torch.equal(moved.gather(torch.arange(9)), in_memory.gather(torch.arange(9)))
+    assert torch.equal(relative.gather(torch.arange(9)), in_memory.gather(torch.arange(9)))
+    with pytest.raises(IndexError, match="index 9 is out of range for 9 images"):
+        relative.images[9]
+    assert torch.equal(relative.images[-1], in_memory.images[-1])
 
 
 def test_dataloader_workers_and_a_pickled_copy_read_the_same_index_without_rebuilding(tmp_path):

@@ -15,6 +15,7 @@ from mdtrees import ALL_SOURCES, SPECS, fabricate
 
 from lightning_meta import MetaDatasetDataModule, ProtoNet, RaggedEpisode, VariableEpisodes
 from lightning_meta.cli import run
+from lightning_meta.data import prune_cache
 from lightning_meta.data.datasets.metadataset import solid_jpeg, write_source
 from lightning_meta.data.streams import episode_rng
 from lightning_meta.models import ResNet12
@@ -177,3 +178,7 @@ def test_constructing_reads_only_the_specs_and_each_stage_builds_only_its_own_sp
     assert decoded == ["test", "test"]  # dtd's and traffic_sign's test splits; not dtd's training or validation split
     batch = next(iter(dm.test_dataloader()["traffic_sign"]))
     assert isinstance(batch, RaggedEpisode) and 3 <= batch.ways[0] <= 5 and batch.support_x.shape[1:] == (3, 8, 8)
+    # the data module's splits name their files: pruning with them kept removes only what they do not use
+    kept = [dm.test["dtd"], dm.test["traffic_sign"]]
+    assert {f.path for d in kept for f in (d.cache_file, d.index_file)} == set(cache.iterdir())
+    assert prune_cache(kept, cache) == []

@@ -4,6 +4,7 @@ record a ``wandb_internal_pb2.Record``."""
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32 * 1024
@@ -34,6 +35,28 @@ def records(path: Path):
             record.ParseFromString(pending)
             yield record
             pending = b""
+
+
+def finished_run(folder: Path, timeout: float = 120.0) -> Path:
+    """The one ``run-*.wandb`` under ``folder`` once its ``exit`` record is on disk. ``run.finish()`` can return
+    before wandb's service has flushed the file (seen on a loaded CI machine: the file held no history yet), so wait
+    for the record that the service writes last, and fail naming what was there if it never comes."""
+    deadline, seen = time.monotonic() + timeout, []
+    while True:
+        files = sorted(Path(folder).rglob("run-*.wandb"))
+        if len(files) > 1:
+            raise AssertionError(f"more than one W&B run under {folder}: {files}")
+        if files:
+            try:
+                seen = [r.WhichOneof("record_type") for r in records(files[0])]
+            except Exception:  # a record still being written (a torn protobuf): read again
+                pass
+            if "exit" in seen:
+                return files[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no W&B run with an exit record under {folder} after {timeout:.0f} s "
+                                 f"(files {files}, records {seen[-10:]})")
+        time.sleep(0.2)
 
 
 def history(path: Path) -> list[dict]:

@@ -50,6 +50,16 @@ class _RecordsSplit(Dataset):
     def labels(self) -> Tensor:
         return self.dataset.labels
 
+    @property
+    def cache_file(self):
+        """The split's decoded cache, or (encoded store) its index: what ``prune_cache`` keeps (builds the split)."""
+        return self.dataset.cache_file
+
+    @property
+    def index_file(self):
+        """The split's record index (builds the split)."""
+        return self.dataset.index_file
+
     def gather(self, indices: Tensor) -> Tensor:
         """``[len(indices), 3, H, W]`` uint8 images."""
         return self.dataset.gather(indices)

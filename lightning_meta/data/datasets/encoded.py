@@ -22,6 +22,7 @@ classes, and reads with ``pread`` (no shared file position: safe after a fork).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,7 +47,6 @@ from lightning_meta.data.datasets.cache import (
     _unwritable,
     cache_dir_of,
     cache_key,
-    default_cache_dir,
     file_fingerprint,
 )
 
@@ -175,7 +175,10 @@ class EncodedItems:
         return self.key
 
     def _fd(self, file: int) -> int:
-        if self._pid != os.getpid():  # a forked child: the descriptors are the parent's, leave them to it
+        if self._pid != os.getpid():  # a forked child: close its copies of the parent's descriptors, open its own
+            for inherited in self._fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(inherited)
             self._fds, self._pid = OrderedDict(), os.getpid()
         fd = self._fds.get(file)
         if fd is not None:
@@ -314,8 +317,11 @@ class EncodedImages:
     def __getitem__(self, index: int) -> Tensor:
         if not isinstance(index, (int, np.integer)):
             raise TypeError("The encoded store serves one item by its integer index (or many with `gather`).")
+        n, i = self.shape[0], int(index)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} is out of range for {n} images")
         out = torch.empty(tuple(self.shape[1:]), dtype=torch.uint8)
-        self._decode(int(index) % self.shape[0], out)
+        self._decode(i % n, out)
         return out
 
     @property
@@ -354,12 +360,31 @@ def index_records(kind: str, files: Sequence[str], counts: Sequence[int], labels
         _write_index(path, key, entries, list(files))
 
     folder = cache_dir_of(cache)
-    if folder is None:  # no cache folder: the index lives in a private temporary folder of this process
-        import tempfile
-
-        folder = Path(tempfile.mkdtemp(prefix="lightning-meta-index-"))
+    if folder is None:  # no cache folder: the index lives in this process's private temporary folder
+        folder = _private_folder()
     path, built = open_or_build_index(Path(folder), kind, key, build)
     return EncodedItems(path, key, "tfrecord", labels, max_open), CacheFile(path, built, key)
+
+
+_PRIVATE: dict[int, Path] = {}
+
+
+def _private_folder() -> Path:
+    """One temporary folder per process for indexes built with ``cache=False``, removed when the process that made
+    it exits (not by forked workers, which still read the indexes it holds)."""
+    pid = os.getpid()
+    if pid not in _PRIVATE:
+        import atexit
+        import tempfile
+
+        folder = _PRIVATE[pid] = Path(tempfile.mkdtemp(prefix="lightning-meta-index-"))
+
+        def remove() -> None:
+            if os.getpid() == pid:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        atexit.register(remove)
+    return _PRIVATE[pid]
 
 
 def pack_files(kind: str, sources: Sequence[Union[str, tuple[str, str]]], fingerprint: Any, name: Callable[[int], str],
@@ -443,4 +468,4 @@ def choose_store(kind: str, store: str, shape: Sequence[int], cache: CacheArg, l
 
 
 __all__ = ["EncodedImages", "EncodedItems", "PayloadDecoder", "Store", "check_store", "choose_store",
-           "decoded_limit_of", "default_cache_dir", "index_records", "pack_files"]
+           "decoded_limit_of", "index_records", "pack_files"]

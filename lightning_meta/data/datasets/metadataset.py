@@ -28,7 +28,7 @@ import torch
 
 from lightning_meta.data.datasets.base import CachedImageDataset, _size, load_images
 from lightning_meta.data.datasets.cache import CacheArg
-from lightning_meta.data.datasets.encoded import PayloadDecoder, Store, check_store, index_records
+from lightning_meta.data.datasets.encoded import EncodedImages, PayloadDecoder, Store, check_store, index_records
 from lightning_meta.data.datasets.tfrecord import encode_example, write_tfrecord
 
 SPLITS = {"train": "TRAIN", "val": "VALID", "test": "TEST"}
@@ -228,7 +228,7 @@ class MetaDatasetRecords(CachedImageDataset):
     def __init__(self, root: Union[str, Path], split: str = "train", image_size: int = 84, store: Store = "auto",
                  cache: CacheArg = True, decode_workers: Optional[int] = None, decoded_limit: Optional[int] = None,
                  max_open_files: int = 16) -> None:
-        root = Path(root)
+        root = Path(root).expanduser().resolve()  # the index names its files: a later chdir must not lose them
         kind = type(self).__name__
         check_store(kind, store)
         if split not in SPLITS:
@@ -255,7 +255,9 @@ class MetaDatasetRecords(CachedImageDataset):
         images, cache_file = load_images(f"{kind}-{spec.name}-{split}", decoder, cache, decode_workers, store=store,
                                          decoded_limit=decoded_limit, max_open_files=max_open_files)
         labels = torch.from_numpy(np.repeat(np.arange(len(ids)), per_class))
-        super().__init__(images, labels, [spec.class_names[c] for c in ids], cache_file or index_file)
+        # the file a pickled copy maps its images from: the decoded cache, or (encoded) the index; none in memory
+        super().__init__(images, labels, [spec.class_names[c] for c in ids],
+                         index_file if isinstance(images, EncodedImages) else cache_file)
         self.split, self.class_ids, self.index_file = split, list(ids), index_file
         if spec.superclass_of is not None:
             self.class_groups = [spec.superclass_of[c] for c in ids]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Union
@@ -23,6 +24,11 @@ import google_crc32c
 import numpy as np
 
 Feature = Union[list[bytes], list[int], list[float]]
+
+if google_crc32c.implementation != "c":  # a platform without its wheel: a pure-Python CRC, ~300x slower
+    warnings.warn("google-crc32c runs its pure-Python fallback here: checking TFRecord CRCs will be ~300x slower. "
+                  "Install a google-crc32c wheel built for this platform (pip install --force-reinstall "
+                  "google-crc32c) or a C compiler so pip can build one.", RuntimeWarning, stacklevel=2)
 
 
 def masked_crc(data: bytes | memoryview) -> int:
@@ -92,10 +98,11 @@ def scan_tfrecord(path: Union[str, Path]) -> tuple[np.ndarray, np.ndarray]:
 
 def check_record(path: Union[str, Path], offset: int, framed: bytes) -> bytes:
     """The data of a record read as ``data + u32 CRC`` from ``offset`` (its data's offset), its CRC checked."""
-    data, (crc,) = framed[:-4], struct.unpack("<I", framed[-4:]) if len(framed) >= 4 else (None,)
-    if crc is None or masked_crc(data) != crc:
-        raise _damaged(path, offset - 12, "the record's data fails its CRC-32C check" if crc is not None else
-                       "the file ends inside the record")
+    if len(framed) < 4:
+        raise _damaged(path, offset - 12, "the file ends inside the record")
+    data, (crc,) = framed[:-4], struct.unpack("<I", framed[-4:])
+    if masked_crc(data) != crc:
+        raise _damaged(path, offset - 12, "the record's data fails its CRC-32C check")
     return data
 
 
@@ -147,6 +154,8 @@ def _fields(buf: bytes | memoryview) -> Iterable[tuple[int, int, object]]:
             value, pos = view[pos:pos + size], pos + size
         elif wire in (1, 5):
             width = 8 if wire == 1 else 4
+            if pos + width > end:
+                raise ValueError(f"field {field} is a {width}-byte value cut off by the end of its message")
             value, pos = view[pos:pos + width].tobytes(), pos + width
         else:
             raise ValueError(f"field {field} has wire type {wire}, which tf.train.Example does not use")
@@ -159,7 +168,8 @@ def _signed(value: int) -> int:
 
 def _feature(buf: memoryview) -> Feature:
     for kind, _, value in _fields(buf):
-        assert isinstance(value, memoryview)
+        if not isinstance(value, memoryview):
+            raise ValueError(f"a Feature's field {kind} is not a list (wire type other than length-delimited)")
         if kind == 1:
             return [v.tobytes() for f, _, v in _fields(value) if f == 1 and isinstance(v, memoryview)]
         if kind == 2:
