@@ -388,18 +388,19 @@ def test_a_record_whose_label_is_not_its_files_class_is_named(tmp_path):
         MetaDatasetRecords(tmp_path / "src", image_size=8, store="decoded", cache=tmp_path / "c")
 
 
-def _field(number, payload):  # a length-delimited protobuf field (payloads under 128 bytes)
+def proto_field(number, payload):  # a length-delimited protobuf field (payloads under 128 bytes)
     return bytes([number << 3 | 2, len(payload)]) + payload
 
 
 @pytest.mark.parametrize("feature, what", [
-    (_field(2, b"\x0d\x00\x00"), "field 1 is a 4-byte value cut off by the end of its message"),  # FloatList, short
+    (proto_field(2, b"\x0d\x00\x00"), "field 1 is a 4-byte value cut off by the end of its message"),  # FloatList, short
     (b"\x08\x01", "a Feature's field 1 is not a list"),  # a varint where BytesList belongs
 ], ids=["short_float", "feature_not_a_list"])
 def test_a_record_whose_example_is_malformed_is_named_with_its_offset(tmp_path, feature, what):
     small_source(tmp_path / "src")
     path = tmp_path / "src" / "2.tfrecords"
-    bad = _field(1, _field(1, _field(1, b"image") + _field(2, feature)))  # Example{Features{entry{"image": feature}}}
+    # Example{Features{entry{"image": feature}}}
+    bad = proto_field(1, proto_field(1, proto_field(1, b"image") + proto_field(2, feature)))
     write_tfrecord(path, [encode_example({"image": [solid_jpeg(2, 0)], "label": [2]}), bad,
                           encode_example({"image": [solid_jpeg(2, 2)], "label": [2]})])
     starts, _, _ = frames(path)
@@ -465,7 +466,7 @@ def test_the_encoded_store_keeps_few_files_open_however_many_classes(tmp_path):
         # +1: the index file's mapping (Python's mmap keeps a duplicate of the descriptor it maps)
         assert len(os.listdir("/proc/self/fd")) - before <= 8 + 1
     if proc:  # a forked DataLoader worker closes its copies of the parent's 8 and opens at most 8 of its own
-        worker = torch.utils.data.DataLoader(_RecordFdsAfterGather(ds), batch_size=None, num_workers=1)
+        worker = torch.utils.data.DataLoader(RecordFdsAfterGather(ds), batch_size=None, num_workers=1)
         assert [list(pair) for pair in worker] == [[8, 8]]
         assert record_fds() == 8  # the parent's own are untouched
         del worker
@@ -486,7 +487,7 @@ def record_fds():
     return count
 
 
-class _RecordFdsAfterGather(torch.utils.data.Dataset):
+class RecordFdsAfterGather(torch.utils.data.Dataset):
     def __init__(self, ds):
         self.ds = ds
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_meta.data.datamodule import STAGES, EpisodicDataModule, _episodes
-from lightning_meta.data.datasets.cache import CacheArg
+from lightning_meta.data.datasets.cache import CacheArg, CacheFile
 from lightning_meta.data.datasets.encoded import Store, check_store
 from lightning_meta.data.datasets.metadataset import MetaDatasetRecords, MetaDatasetSpec
 from lightning_meta.data.variable import Shot, VariableEpisodes
@@ -51,12 +51,12 @@ class _RecordsSplit(Dataset):
         return self.dataset.labels
 
     @property
-    def cache_file(self):
+    def cache_file(self) -> Optional[CacheFile]:
         """The split's decoded cache, or (encoded store) its index: what ``prune_cache`` keeps (builds the split)."""
         return self.dataset.cache_file
 
     @property
-    def index_file(self):
+    def index_file(self) -> Optional[CacheFile]:
         """The split's record index (builds the split)."""
         return self.dataset.index_file
 
