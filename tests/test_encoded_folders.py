@@ -171,9 +171,10 @@ def test_the_encoded_store_names_what_it_needs(tmp_path):
 def test_store_auto_keeps_a_folder_encoded_when_its_decoded_size_is_over_the_limit(tmp_path):
     root, cache = class_tree(tmp_path / "data", per_class=2), tmp_path / "cache"
     size = 6 * 3 * 8 * 8
-    assert ClassFolder(root, image_size=8, cache=cache, store="auto", decoded_limit=size).store == "decoded"
-    over = ClassFolder(root, image_size=8, cache=cache, store="auto", decoded_limit=size - 1)
-    assert over.store == "encoded" and same_pixels(over, ClassFolder(root, image_size=8, cache=cache))
+    over = ClassFolder(root, image_size=8, cache=cache, store="auto", decoded_limit=size - 1)  # (no decoded cache yet)
+    assert over.store == "encoded"
+    within = ClassFolder(root, image_size=8, cache=cache, store="auto", decoded_limit=size)
+    assert within.store == "decoded" and within.cache_file.built and same_pixels(over, within)
 
 
 def reachable_strings(obj) -> list[str]:

@@ -656,16 +656,30 @@ def test_variable_episodes_from_the_encoded_store_resume_mid_epoch_as_the_uninte
 # ---------------------------------------------------------------- 9. store="auto"
 
 
-def test_store_auto_decodes_under_the_limit_keeps_encoded_over_it_and_says_why(tmp_path, caplog):
-    src = small_source(tmp_path / "src")
+def test_store_auto_decodes_under_the_limit_keeps_encoded_over_it_uses_a_decoded_cache_there_and_says_why(tmp_path,
+                                                                                                      caplog):
+    src, cache = small_source(tmp_path / "src"), tmp_path / "c"
     with caplog.at_level(logging.INFO, logger="lightning_meta"):
-        big = MetaDatasetRecords(src, image_size=8, store="auto", decoded_limit=10**9, cache=tmp_path / "c")
-        tiny = MetaDatasetRecords(src, image_size=8, store="auto", decoded_limit=9 * 3 * 8 * 8 - 1, cache=tmp_path / "c")
-    assert (big.store, tiny.store) == ("decoded", "encoded")
+        tiny = MetaDatasetRecords(src, image_size=8, store="auto", decoded_limit=9 * 3 * 8 * 8 - 1, cache=cache)
+        big = MetaDatasetRecords(src, image_size=8, store="auto", decoded_limit=10**9, cache=cache)
+        # the decoded cache is there now: every later run (or a rank that decides while another builds it) uses it,
+        # whatever the limit or the free space it left
+        again = MetaDatasetRecords(src, image_size=8, store="auto", decoded_limit=9 * 3 * 8 * 8 - 1, cache=cache)
+    assert (tiny.store, big.store, again.store) == ("encoded", "decoded", "decoded")
+    assert big.cache_file.built and not again.cache_file.built and again.cache_file.path == big.cache_file.path
     said = [r.getMessage() for r in caplog.records if "store='auto'" in r.getMessage()]
-    assert len(said) == 2
-    assert re.search(r"MetaDatasetRecords-tiny-train: store='auto' chose the decoded store: decoded, its 9 images of "
-                     r"3x8x8 take .* within the limit of .*\(`decoded_limit`=1,000,000,000 bytes\)", said[0])
+    assert len(said) == 3
     assert re.search(r"chose the encoded store: .* over the limit .*\(`decoded_limit`=1,727 bytes\).*Pass `store=`",
-                     said[1])
+                     said[0])
+    assert re.search(r"MetaDatasetRecords-tiny-train: store='auto' chose the decoded store: decoded, its 9 images of "
+                     r"3x8x8 take .* within the limit of .*\(`decoded_limit`=1,000,000,000 bytes\)", said[1])
+    assert re.search(r"chose the decoded store: its cache file is already in .*c \(or being built there\)", said[2])
     assert torch.equal(big.gather(torch.arange(9)), tiny.gather(torch.arange(9)))
+    assert torch.equal(again.gather(torch.arange(9)), tiny.gather(torch.arange(9)))
+    # a build in progress elsewhere (its temporary file; here a killed one's) counts as there: decoded, built here
+    name = big.cache_file.path.name
+    (tmp_path / "c2").mkdir()
+    (tmp_path / "c2" / f"{name}.12345.tmp").write_bytes(b"partial")
+    during = MetaDatasetRecords(src, image_size=8, store="auto", decoded_limit=1, cache=tmp_path / "c2")
+    assert during.store == "decoded" and during.cache_file.built and during.cache_file.path.name == name
+    assert not (tmp_path / "c2" / f"{name}.12345.tmp").exists()

@@ -20,12 +20,21 @@ from lightning_meta.data.datasets.cache import (
     CacheFile,
     cache_dir_of,
     cache_key,
+    cache_path,
     decode_all,
     file_fingerprint,
     open_or_build,
     read_cache,
+    started,
 )
-from lightning_meta.data.datasets.encoded import EncodedImages, PayloadDecoder, Store, choose_store, pack_files
+from lightning_meta.data.datasets.encoded import (
+    EncodedImages,
+    PayloadDecoder,
+    Store,
+    check_store,
+    choose_store,
+    pack_files,
+)
 
 
 class CachedImageDataset(Dataset):
@@ -261,6 +270,7 @@ def load_images(kind: str, decoder: ImageDecoder, cache: CacheArg = True, worker
     (:class:`~lightning_meta.data.datasets.encoded.EncodedImages`; image files are copied once into a pack in the cache
     folder). ``store="auto"``: decoded when its size fits under ``decoded_limit`` (default: half the cache disk's free
     space and half the memory), else encoded; the choice is logged."""
+    check_store(kind, store)
     n = len(decoder.sources)
     channels = len(Image.new(decoder.mode, (1, 1)).getbands())
     if decoder.size is None and store != "decoded":
@@ -269,7 +279,14 @@ def load_images(kind: str, decoder: ImageDecoder, cache: CacheArg = True, worker
                          "`store='decoded'`.")
     size = decoder.size or decoder(0).shape[:2]
     shape = (rows or n, channels, size[0], size[1])
-    store = choose_store(kind, store, shape, cache, decoded_limit)  # type: ignore[assignment]
+    folder = cache_dir_of(cache)
+    fingerprint = decoder.fingerprint() if folder is not None else None  # (stats every file: computed once)
+    key = None if folder is None or store == "encoded" else cache_key(
+        kind, {"size": decoder.size, "mode": decoder.mode, "invert": decoder.invert, "decoder": DECODER,
+               **(options or {})}, fingerprint)
+    # a decoded cache that is there (or being built by another rank) is used: the space it took is no reason not to
+    there = folder is not None and key is not None and started(cache_path(folder, kind, key, shape))
+    store = choose_store(kind, store, shape, cache, decoded_limit, there)  # type: ignore[assignment]
     if store == "encoded":
         if rows is not None and rows != n:
             raise ValueError(f"{kind} adds images of its own (e.g. rotated copies), which only the decoded store holds: "
@@ -278,17 +295,12 @@ def load_images(kind: str, decoder: ImageDecoder, cache: CacheArg = True, worker
             if not isinstance(decoder, FileDecoder):
                 raise ValueError(f"{kind} reads its images from {type(decoder).__name__}, which the encoded store does "
                                  "not keep: pass `store='decoded'`.")
-            items, cache_file = pack_files(kind, decoder.sources, decoder.fingerprint(), decoder.name, cache,
-                                           max_open_files)
+            items, cache_file = pack_files(kind, decoder.sources, fingerprint, decoder.name, cache, max_open_files)
             decoder = PayloadDecoder(items, decoder.size, decoder.mode, decoder.invert)
             return EncodedImages(decoder, shape), cache_file
         return EncodedImages(decoder, shape), None
-    folder = cache_dir_of(cache)
-    if folder is None:
+    if folder is None or key is None:
         return torch.from_numpy(decode_all(shape, decoder, n, finish)), None
-    key = cache_key(kind, {"size": decoder.size, "mode": decoder.mode, "invert": decoder.invert, "decoder": DECODER,
-                           **(options or {})},
-                    decoder.fingerprint())
     images, cache_file = open_or_build(folder, kind, key, shape, decoder, n, finish, workers)
     return torch.from_numpy(images), cache_file
 

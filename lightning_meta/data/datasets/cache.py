@@ -378,12 +378,22 @@ def build(path: Path, key: str, shape: tuple[int, ...], decode: Callable[[int], 
         tmp.unlink(missing_ok=True)
 
 
+def cache_path(cache_dir: Union[str, os.PathLike], kind: str, key: str, shape: tuple[int, ...]) -> Path:
+    """The decoded-image cache file of ``key`` in ``cache_dir``."""
+    return Path(cache_dir) / f"{kind}-{shape[2]}x{shape[3]}-{key}.lmcache"
+
+
+def started(path: Path) -> bool:
+    """Whether the cache file ``path`` is there, or a process is building it (or was, and was killed)."""
+    return path.exists() or any(path.parent.glob(f"{path.name}.*.tmp"))
+
+
 def open_or_build(cache_dir: Path, kind: str, key: str, shape: tuple[int, ...], decode: Callable[[int], np.ndarray],
                   decoded: Optional[int] = None, finish: Optional[Callable[[np.ndarray], None]] = None,
                   workers: Optional[int] = None) -> tuple[np.ndarray, CacheFile]:
     """Map the cache of ``key`` in ``cache_dir``, building it first when no process has (one process builds while the
     others wait on a lock file; temporary files of a build that was killed are removed)."""
-    path = Path(cache_dir) / f"{kind}-{shape[2]}x{shape[3]}-{key}.lmcache"
+    path = cache_path(cache_dir, kind, key, shape)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

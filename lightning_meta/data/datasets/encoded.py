@@ -452,12 +452,19 @@ def _gb(size: int) -> str:
     return f"{size / 2**30:.1f} GiB"
 
 
-def choose_store(kind: str, store: str, shape: Sequence[int], cache: CacheArg, limit: Optional[int]) -> str:
-    """``store`` itself unless ``"auto"``: then ``"decoded"`` when ``n x C x H x W`` bytes fit under the limit
-    (:func:`decoded_limit_of`), else ``"encoded"``; the choice and its reason are logged."""
+def choose_store(kind: str, store: str, shape: Sequence[int], cache: CacheArg, limit: Optional[int],
+                 decoded_there: bool = False) -> str:
+    """``store`` itself unless ``"auto"``: then ``"decoded"`` when its cache file is already there or being built
+    (``decoded_there``: every rank and every later run takes the store the first one chose, whatever the free space
+    now left), or when ``n x C x H x W`` bytes fit under the limit (:func:`decoded_limit_of`), else ``"encoded"``; the
+    choice and its reason are logged."""
     check_store(kind, store)
     if store != "auto":
         return store
+    if decoded_there:
+        _info(f"{kind}: store='auto' chose the decoded store: its cache file is already in {cache_dir_of(cache)} (or "
+              "being built there); the limit bounds what `auto` builds, not what it uses. Pass `store=` to choose.")
+        return "decoded"
     size = int(np.prod([int(s) for s in shape]))
     most, why = decoded_limit_of(cache, limit)
     chosen = "decoded" if size <= most else "encoded"

@@ -56,7 +56,7 @@ class ClassFolder(ImageFileDataset):
             ``n x C x H x W`` bytes fits under ``decoded_limit``, else keeps the images encoded, and logs its choice.
             ``"encoded"`` needs ``image_size`` and a cache folder, ``"auto"`` ``image_size``.
         decoded_limit: bytes, for ``store="auto"``; default: half the free space of the cache's disk and half the
-            memory, the smaller.
+            memory, the smaller. It bounds what ``"auto"`` decodes: a decoded cache already there is used.
         max_open_files: the files a process keeps open at once for the encoded store (it reads with ``pread``).
 
     Class names are ``<root name>/<class folder>``'s folder part, so two ``ClassFolder`` splits with a class folder of

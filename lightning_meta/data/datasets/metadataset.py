@@ -203,7 +203,8 @@ class MetaDatasetRecords(CachedImageDataset):
             (default) decodes when the decoded size fits under ``decoded_limit`` and logs its choice.
         cache: the cache folder (``True``: the default one) for the record index and the decoded images; ``False``
             decodes into memory (tiny sources) and keeps the index in a temporary folder.
-        decoded_limit: bytes; default: half the free space of the cache's disk and half the memory, the smaller.
+        decoded_limit: bytes; default: half the free space of the cache's disk and half the memory, the smaller. It
+            bounds what ``"auto"`` decodes: a decoded cache already there (or being built by another rank) is used.
         max_open_files: the record files a process keeps open at once (the encoded store reads with ``pread``).
 
     Labels are ``0..C-1`` over the split's classes in class-id order; ``class_names`` are the spec's (ImageNet: WordNet
