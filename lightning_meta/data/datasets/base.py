@@ -221,13 +221,20 @@ class ImageDecoder(Protocol):
     def fingerprint(self) -> Any: ...
 
 
+def adjust(image: np.ndarray, invert: bool, reverse: bool) -> np.ndarray:
+    """A decoded ``uint8 [H, W, C]`` image inverted (``255 - x``, Omniglot's strokes) and/or with its channels reversed
+    (RGB -> BGR), as a decoder's ``invert`` and ``reverse`` say."""
+    image = 255 - image if invert else image
+    return image[:, :, ::-1] if reverse else image
+
+
 class FileDecoder:
     """Decodes item ``i`` of a list of image files to ``uint8 [H, W, C]``: picklable, so a pool of processes can share
     the work. A source is a path, or ``(archive.zip, member)`` for an image inside a zip file."""
 
     def __init__(self, sources: Sequence[str | tuple[str, str]], size: tuple[int, int] | None, mode: str,
-                 invert: bool = False) -> None:
-        self.sources, self.size, self.mode, self.invert = list(sources), size, mode, invert
+                 invert: bool = False, reverse: bool = False) -> None:
+        self.sources, self.size, self.mode, self.invert, self.reverse = list(sources), size, mode, invert, reverse
         self._archives: dict[str, zipfile.ZipFile] = {}
 
     def name(self, i: int) -> str:
@@ -243,7 +250,7 @@ class FileDecoder:
             image = decode_image(archive.read(source[1]), self.name(i), self.size, self.mode)
         else:
             image = decode_image(source, self.name(i), self.size, self.mode)
-        return 255 - image if self.invert else image
+        return adjust(image, self.invert, self.reverse)
 
     def fingerprint(self) -> list:
         """What the decoded images depend on, in order: each distinct file's path, size, times and inode
@@ -282,8 +289,8 @@ def load_images(kind: str, decoder: ImageDecoder, cache: CacheArg = True, worker
     folder = cache_dir_of(cache)
     fingerprint = decoder.fingerprint() if folder is not None else None  # (stats every file: computed once)
     key = None if folder is None or store == "encoded" else cache_key(
-        kind, {"size": decoder.size, "mode": decoder.mode, "invert": decoder.invert, "decoder": DECODER,
-               **(options or {})}, fingerprint)
+        kind, {"size": decoder.size, "mode": decoder.mode, "invert": decoder.invert,
+               "reverse": getattr(decoder, "reverse", False), "decoder": DECODER, **(options or {})}, fingerprint)
     # a decoded cache that is there (or being built by another rank) is used: the space it took is no reason not to
     there = folder is not None and key is not None and started(cache_path(folder, kind, key, shape))
     store = choose_store(kind, store, shape, cache, decoded_limit, there)  # type: ignore[assignment]
@@ -296,7 +303,7 @@ def load_images(kind: str, decoder: ImageDecoder, cache: CacheArg = True, worker
                 raise ValueError(f"{kind} reads its images from {type(decoder).__name__}, which the encoded store does "
                                  "not keep: pass `store='decoded'`.")
             items, cache_file = pack_files(kind, decoder.sources, fingerprint, decoder.name, cache, max_open_files)
-            decoder = PayloadDecoder(items, decoder.size, decoder.mode, decoder.invert)
+            decoder = PayloadDecoder(items, decoder.size, decoder.mode, decoder.invert, decoder.reverse)
             return EncodedImages(decoder, shape), cache_file
         return EncodedImages(decoder, shape), None
     if folder is None or key is None:

@@ -39,7 +39,7 @@ from lightning_meta.data.datasets.base import (
     load_images,
 )
 from lightning_meta.data.datasets.cache import CacheArg, file_fingerprint
-from lightning_meta.data.datasets.encoded import EncodedImages, PayloadDecoder, Store, check_store, choose_store
+from lightning_meta.data.datasets.encoded import Store, check_store
 from lightning_meta.data.datasets.folder import ClassFolder, ImageFileDataset, class_files
 
 SPLITS = ("train", "val", "test")
@@ -180,17 +180,10 @@ class TieredImageNet(ImageFileDataset):
         decoder: ImageDecoder
         if (root / split).is_dir():
             files, label_list, names = _class_folders(root / split)
-            decoder = FileDecoder(files, size, "RGB")
-            if store == "auto" and size is not None:  # chosen here: the two stores reverse the channels differently
-                store = choose_store(kind, store, (len(files), 3, *size), cache, decoded_limit)  # type: ignore[assignment]
-            if store == "decoded":
-                images, cache_file = load_images(kind, _in_order(decoder, "rgb", channel_order), cache, decode_workers,
-                                                 options=options)
-            else:  # the pack holds the files' bytes, whatever the channel order; items are reversed when decoded
-                images, cache_file = load_images(kind, decoder, cache, store=store, decoded_limit=decoded_limit,
-                                                 max_open_files=max_open_files)
-                if channel_order == "bgr" and isinstance(images, EncodedImages) and size is not None:
-                    images = EncodedImages(_ReversedPayload(images.decoder.items, size, "RGB"), (len(files), 3, *size))
+            # one pack of the files' bytes serves both orders: the decoder reverses the channels of what it decodes
+            decoder = FileDecoder(files, size, "RGB", reverse=channel_order == "bgr")
+            images, cache_file = load_images(kind, decoder, cache, decode_workers, options=options, store=store,
+                                             decoded_limit=decoded_limit, max_open_files=max_open_files)
             super().__init__(images, torch.tensor(label_list), names, cache_file)
             self._keep_files(files)
             return
@@ -307,13 +300,6 @@ def _tiered_labels(path: Path, split: str) -> tuple[np.ndarray, list[str]]:
 def _in_order(decoder: ImageDecoder, stored: str, wanted: str) -> ImageDecoder:
     """``decoder``, or its images with the channels reversed where they are stored in the other order."""
     return decoder if stored == wanted else _ReverseChannels(decoder)
-
-
-class _ReversedPayload(PayloadDecoder):
-    """The encoded store's decoder with the channels of every image reversed (RGB -> BGR)."""
-
-    def __call__(self, i: int) -> np.ndarray:
-        return super().__call__(i)[:, :, ::-1]
 
 
 class _ReverseChannels:

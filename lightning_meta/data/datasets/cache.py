@@ -383,32 +383,48 @@ def cache_path(cache_dir: Union[str, os.PathLike], kind: str, key: str, shape: t
     return Path(cache_dir) / f"{kind}-{shape[2]}x{shape[3]}-{key}.lmcache"
 
 
+def _temporaries(path: Path) -> list[Path]:
+    """The temporary files of builds of ``path`` (``<name>.<pid>.tmp``): one in progress, or one that was killed."""
+    return list(path.parent.glob(f"{path.name}.*.tmp"))
+
+
 def started(path: Path) -> bool:
     """Whether the cache file ``path`` is there, or a process is building it (or was, and was killed)."""
-    return path.exists() or any(path.parent.glob(f"{path.name}.*.tmp"))
+    return path.exists() or bool(_temporaries(path))
+
+
+def build_once(path: Path, build: Callable[[], None]) -> bool:
+    """Make ``path`` by ``build()`` unless it is there: one process builds while the others wait on a lock file and
+    then use what it built; temporary files of a build that was killed are removed first. Whether this call built it.
+    (The decoded store's cache files and the encoded store's indexes and packs.)"""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(_unwritable("create", path.parent, err)) from err
+    if path.exists():
+        return False
+    with _locked(path.with_name(path.name + ".lock")):
+        if path.exists():
+            return False
+        for stale in _temporaries(path):  # a killed build (we hold the lock)
+            stale.unlink(missing_ok=True)
+        build()
+        return True
 
 
 def open_or_build(cache_dir: Path, kind: str, key: str, shape: tuple[int, ...], decode: Callable[[int], np.ndarray],
                   decoded: Optional[int] = None, finish: Optional[Callable[[np.ndarray], None]] = None,
                   workers: Optional[int] = None) -> tuple[np.ndarray, CacheFile]:
-    """Map the cache of ``key`` in ``cache_dir``, building it first when no process has (one process builds while the
-    others wait on a lock file; temporary files of a build that was killed are removed)."""
+    """Map the cache of ``key`` in ``cache_dir``, building it first when no process has (:func:`build_once`)."""
     path = cache_path(cache_dir, kind, key, shape)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(_unwritable("create", path.parent, err)) from err
-    built = False
-    if not path.exists():
-        with _locked(path.with_name(path.name + ".lock")):
-            if not path.exists():
-                for stale in path.parent.glob(f"{path.name}.*.tmp"):  # a killed build (we hold the lock)
-                    stale.unlink(missing_ok=True)
-                _info(f"{kind}: decoding {shape[0] if decoded is None else decoded:,} images once into {path} "
-                      "(shared by every process on this machine; lightning_meta.data.prune_cache removes the files no "
-                      "dataset uses)")
-                build(path, key, shape, decode, decoded, finish, workers, desc=f"{kind}: decoding images once into {path.name}")
-                built = True
+
+    def make() -> None:
+        _info(f"{kind}: decoding {shape[0] if decoded is None else decoded:,} images once into {path} "
+              "(shared by every process on this machine; lightning_meta.data.prune_cache removes the files no "
+              "dataset uses)")
+        build(path, key, shape, decode, decoded, finish, workers, desc=f"{kind}: decoding images once into {path.name}")
+
+    built = build_once(path, make)
     return read_cache(path, key, shape), CacheFile(path, built, key, tuple(shape))
 
 

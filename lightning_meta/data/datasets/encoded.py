@@ -42,9 +42,8 @@ from lightning_meta.data.datasets.cache import (
     CacheArg,
     CacheFile,
     _info,
-    _locked,
     _memory,
-    _unwritable,
+    build_once,
     cache_dir_of,
     cache_key,
     file_fingerprint,
@@ -132,19 +131,7 @@ def read_index(path: Path, key: str) -> tuple[np.ndarray, Optional[list[str]], t
 def open_or_build_index(folder: Path, kind: str, key: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
     """The index file of ``key`` in ``folder``, built by ``build(path)`` by one process while the others wait."""
     path = folder / f"{kind}-{key}.lmindex"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(_unwritable("create", folder, err)) from err
-    built = False
-    if not path.exists():
-        with _locked(path.with_name(path.name + ".lock")):
-            if not path.exists():
-                for stale in folder.glob(f"{path.name}.*.tmp"):  # a killed build (we hold the lock)
-                    stale.unlink(missing_ok=True)
-                build(path)
-                built = True
-    return path, built
+    return path, build_once(path, lambda: build(path))
 
 
 class EncodedItems:
@@ -266,18 +253,19 @@ class PayloadDecoder:
     (:func:`~lightning_meta.data.datasets.base.decode_image`): an ``ImageDecoder`` for :func:`load_images`, so
     both stores go through this one function."""
 
-    def __init__(self, items: EncodedItems, size: Optional[tuple[int, int]], mode: str, invert: bool = False) -> None:
-        self.items, self.size, self.mode, self.invert = items, size, mode, invert
+    def __init__(self, items: EncodedItems, size: Optional[tuple[int, int]], mode: str, invert: bool = False,
+                 reverse: bool = False) -> None:
+        self.items, self.size, self.mode, self.invert, self.reverse = items, size, mode, invert, reverse
 
     @property
     def sources(self) -> EncodedItems:
         return self.items
 
     def __call__(self, i: int) -> np.ndarray:
-        from lightning_meta.data.datasets.base import decode_image
+        from lightning_meta.data.datasets.base import adjust, decode_image
 
-        image = decode_image(self.items.data(i), self.items.name(i), self.size, self.mode)
-        return 255 - image if self.invert else image
+        return adjust(decode_image(self.items.data(i), self.items.name(i), self.size, self.mode), self.invert,
+                      self.reverse)
 
     def name(self, i: int) -> str:
         return self.items.name(i)
